@@ -1,0 +1,324 @@
+"""Usage: remus [options] domain [destination]
+
+Options:
+  -h, --help            show this help message and exit
+  -i MS, --interval=MS  checkpoint every MS milliseconds
+  -p PORT, --port=PORT  send stream to port PORT
+  --blackhole           replicate to /dev/null (no disk checkpoints, only
+                        memory & net buffering)
+  --no-net              run without net buffering (benchmark option)
+  --no-compression      run without checkpoint compression
+  --timer               force pause at checkpoint interval (experimental)
+
+Additional options (not in the xm-era remus):
+  --stats-json=FILE     append one JSON line per checkpoint, then a summary, to
+                        FILE
+  --ack-timeout=MS      give up on the backup after MS milliseconds without an
+                        ack or heartbeat from it (default 5000)
+  --version             show the version and exit
+"""
+
+# The text above is printed by -h: the first block is, byte for byte, what the
+# xm-era optparse-based remus printed (at its default 80 columns).  New options
+# go only in the second block, and only under names that leave every prefix
+# the old tool accepted meaning what it meant (see tests/test_cli.py).
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from docopt import docopt
+
+from remus import __version__
+from remus.errors import UsageError
+
+HELP = __doc__ or ""
+OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
+
+#: What docopt parses: the help's option lists under a usage that, like
+#: optparse, takes options anywhere, repeated (the last one wins), and any
+#: number of positional arguments (the first two are used).
+GRAMMAR = "Usage:\n  remus [options]... [<args>...]\n" + HELP[HELP.index("\n\nOptions:") :]
+
+DEFAULT_INTERVAL_MS = 200
+DEFAULT_PORT = 8002  # xend-relocation-port
+DEFAULT_DESTINATION = "localhost"
+DEFAULT_ACK_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one ``remus`` run."""
+
+    domain: str
+    destination: str = DEFAULT_DESTINATION
+    interval_ms: int = DEFAULT_INTERVAL_MS
+    port: int = DEFAULT_PORT
+    blackhole: bool = False
+    net_buffering: bool = True
+    compression: bool = True
+    timer: bool = False
+    stats_json: Optional[str] = None
+    ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+class ShowText(Exception):
+    """``-h`` or ``--version``: print ``text`` to stdout and exit 0."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class MissingDomain(UsageError):
+    """No domain argument: the old tool printed "Missing domain" and its help, and exited 1."""
+
+    def __init__(self) -> None:
+        super().__init__("Missing domain")
+
+
+# --------------------------------------------------------------------------- options table
+
+
+@dataclass(frozen=True)
+class _Opt:
+    short: Optional[str]
+    long: Optional[str]
+    takes_value: bool
+
+
+def _options_table(doc: str) -> list[_Opt]:
+    """Options as the help text declares them (the same lines docopt reads)."""
+    table = []
+    for line in doc.splitlines():
+        m = re.match(r"\s+(-.*?)(?:\s{2,}|$)", line)
+        if not m:
+            continue
+        short = long = None
+        takes_value = False
+        for part in re.split(r",\s*|\s+", m.group(1)):
+            name, eq, _value = part.partition("=")
+            if name.startswith("--"):
+                long = name
+                takes_value = takes_value or bool(eq)
+            elif name.startswith("-"):
+                short = name
+            else:
+                takes_value = True  # "-i MS"
+        table.append(_Opt(short, long, takes_value))
+    return table
+
+
+_TABLE = _options_table(HELP)
+_LONG = {o.long: o for o in _TABLE if o.long}
+_SHORT = {o.short: o for o in _TABLE if o.short}
+
+
+def _match_long(name: str) -> _Opt:
+    """Resolve a long option the way optparse does: exact, else a unique prefix."""
+    if name in _LONG:
+        return _LONG[name]
+    candidates = sorted(n for n in _LONG if n.startswith(name))
+    if len(candidates) == 1:
+        return _LONG[candidates[0]]
+    if not candidates:
+        raise UsageError(f"no such option: {name}")
+    raise UsageError(f"ambiguous option: {name} ({', '.join(candidates)}?)")
+
+
+def _parse_optparse_int(option: str, value: str) -> int:
+    """Convert like optparse's ``type='int'``: 0x.. hex, 0b.. binary, a leading 0 octal."""
+    text = value.lower()
+    if text[:2] == "0x":
+        radix = 16
+    elif text[:2] == "0b":
+        radix = 2
+    elif text[:1] == "0" and len(text) > 1:
+        radix = 8
+    else:
+        radix = 10
+    try:
+        return int(value, radix)
+    except ValueError:
+        raise UsageError(f"option {option}: invalid integer value: {value!r}") from None
+
+
+def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
+    """Walk ``argv`` as optparse does, left to right, up to the first thing it acts on.
+
+    Returns ``("help" | "version", index)`` when optparse would print and exit
+    before seeing anything wrong, ``None`` when no such option comes first.
+    Raises ``UsageError`` for the first malformed option, with optparse's words.
+    Values are converted here too, because optparse converts each one as it
+    reads it: ``-i abc -h`` is an error, ``-h -i abc`` prints the help.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return None
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            opt = _match_long(name)
+            assert opt.long is not None
+            if opt.long in ("--help", "--version"):
+                if eq:
+                    raise UsageError(f"{opt.long} option does not take a value")
+                return (opt.long[2:], i)
+            if opt.takes_value:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise UsageError(f"{opt.long} option requires 1 argument")
+                    i += 1
+                    value = argv[i]
+                _check_value(opt, opt.long, value)
+            elif eq:
+                raise UsageError(f"{opt.long} option does not take a value")
+        elif arg.startswith("-") and arg != "-":
+            for j, ch in enumerate(arg[1:], start=1):
+                opt = _SHORT.get("-" + ch)
+                if opt is None:
+                    raise UsageError(f"no such option: -{ch}")
+                if opt.short == "-h":
+                    return ("help", i)
+                if opt.takes_value:
+                    value = arg[j + 1 :]
+                    if not value:
+                        if i + 1 >= len(argv):
+                            raise UsageError(f"-{ch} option requires 1 argument")
+                        i += 1
+                        value = argv[i]
+                    _check_value(opt, f"-{ch}", value)
+                    break
+        i += 1
+    return None
+
+
+def _check_value(opt: _Opt, spelled: str, value: str) -> None:
+    if opt.long in ("--interval", "--port", "--ack-timeout"):
+        _parse_optparse_int(spelled, value)
+
+
+# --------------------------------------------------------------------------- parse
+
+
+def parse(argv: Sequence[str]) -> Settings:
+    """The settings ``remus argv...`` runs with.
+
+    Every argument vector the xm-era optparse parser accepted gives the same
+    settings; values it silently ignored (``-i 0``, ``-p 0``) keep the default
+    and add a warning to ``Settings.warnings``.
+
+    Raises:
+        ShowText: ``-h``/``--help`` or ``--version`` came first.
+        MissingDomain: no domain argument (the command exits 1, as before).
+        UsageError: anything else malformed (the command exits 2).
+    """
+    argv = list(argv)
+    action = _scan(argv)
+    if action is not None:
+        what, _index = action
+        raise ShowText(HELP if what == "help" else f"remus {__version__}\n")
+    try:
+        parsed: Mapping[str, object] = docopt(GRAMMAR, argv, False)
+    except SystemExit as exc:  # DocoptExit; _scan has already caught what optparse rejects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed arguments"
+        raise UsageError(first) from None
+    return _settings(parsed)
+
+
+def _last(parsed: Mapping[str, object], key: str) -> Optional[str]:
+    values = parsed[key]
+    assert isinstance(values, list)
+    return values[-1] if values else None
+
+
+def _settings(parsed: Mapping[str, object]) -> Settings:
+    args = list(parsed["<args>"])  # type: ignore[call-overload]
+    if "--" in args:
+        args.remove("--")  # the separator itself (only the first "--" is one)
+    if not args:
+        raise MissingDomain()
+    warnings: list[str] = []
+    if len(args) > 2:
+        warnings.append(f"ignoring extra arguments: {' '.join(args[2:])}")
+
+    interval_ms = DEFAULT_INTERVAL_MS
+    raw = _last(parsed, "--interval")
+    if raw is not None:
+        value = _parse_optparse_int("-i/--interval", raw)
+        if value == 0:
+            warnings.append(f"-i 0 is ignored (as by the old remus): using {DEFAULT_INTERVAL_MS} ms")
+        elif value < 0:
+            raise UsageError(f"option -i/--interval: {value} is not a positive number of milliseconds")
+        elif value > 3_600_000:
+            raise UsageError(f"option -i/--interval: {value} ms is over the 1-hour maximum")
+        else:
+            interval_ms = value
+
+    port = DEFAULT_PORT
+    raw = _last(parsed, "--port")
+    if raw is not None:
+        value = _parse_optparse_int("-p/--port", raw)
+        if value == 0:
+            warnings.append(f"-p 0 is ignored (as by the old remus): using port {DEFAULT_PORT}")
+        elif not 0 < value <= 65535:
+            raise UsageError(f"option -p/--port: {value} is not a TCP port (1-65535)")
+        else:
+            port = value
+
+    ack_timeout_ms = DEFAULT_ACK_TIMEOUT_MS
+    raw = _last(parsed, "--ack-timeout")
+    if raw is not None:
+        value = _parse_optparse_int("--ack-timeout", raw)
+        if value <= 0:
+            raise UsageError(f"option --ack-timeout: {value} is not a positive number of milliseconds")
+        ack_timeout_ms = value
+
+    return Settings(
+        domain=args[0],
+        destination=args[1] if len(args) > 1 else DEFAULT_DESTINATION,
+        interval_ms=interval_ms,
+        port=port,
+        blackhole=bool(parsed["--blackhole"]),
+        net_buffering=not parsed["--no-net"],
+        compression=not parsed["--no-compression"],
+        timer=bool(parsed["--timer"]),
+        stats_json=_last(parsed, "--stats-json"),
+        ack_timeout_ms=ack_timeout_ms,
+        warnings=tuple(warnings),
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``remus`` command.  Returns the exit status.
+
+    0: stopped on request (SIGINT/SIGTERM) with the domain running; 1: a
+    checkpoint failed, the backup was lost, or the domain could not be
+    opened (and, as before, a missing domain); 2: a usage error.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        settings = parse(args)
+    except ShowText as shown:
+        sys.stdout.write(shown.text)
+        return 0
+    except MissingDomain as exc:
+        print(exc)
+        sys.stdout.write(HELP)
+        return 1
+    except UsageError as exc:
+        print(f"remus: error: {exc} (see remus --help)", file=sys.stderr)
+        return 2
+    for warning in settings.warnings:
+        print(f"remus: warning: {warning}", file=sys.stderr)
+    from remus.run import run
+
+    return run(settings)

@@ -1,0 +1,97 @@
+"""What the checkpoint engine needs from a domain, whatever kind it is.
+
+A ``Domain`` is a running guest the engine can stop, copy and restart.  The
+engine drives it strictly in this order, once per checkpoint::
+
+    suspend()  ->  capture()  ->  resume()
+
+and calls ``close()`` exactly once at the end, on every exit path.  Kinds of
+domain live elsewhere (``remus.sim`` for the built-in simulated guest,
+``remus.xen`` for real Xen domains); ``open_domain`` picks one from the
+command line's domain argument.  This module never touches a guest itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+from remus.devices import CheckpointDevice
+from remus.stream.records import Record
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What one pause of the guest produced.
+
+    ``records`` are the domain's stream records for this checkpoint in the
+    libxc v2 layout (``DomainHeader`` first in the first capture, then
+    PAGE_DATA and state records, then ``Checkpoint``).  ``dirty_pages`` counts
+    the pages they carry.
+    """
+
+    records: Sequence[Record]
+    dirty_pages: int
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """How a domain describes itself in the replication session header."""
+
+    kind: str
+    name: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Domain(Protocol):
+    """A guest under protection.  Implementations: ``SimulatedDomain``, ``XenDomain``."""
+
+    @property
+    def info(self) -> DomainInfo:
+        """Kind, name and the details the backup needs to activate it."""
+
+    @property
+    def suspended(self) -> bool:
+        """True between a successful ``suspend`` and the next ``resume``."""
+
+    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
+        """The domain's own checkpointed devices (its output buffers).
+
+        With ``net_buffering`` False the domain's output must pass unbuffered.
+        """
+
+    def suspend(self) -> None:
+        """Stop the guest.  Raises ``DomainError`` if it does not stop in time."""
+
+    def capture(self) -> Capture:
+        """Copy what changed since the last capture.  Only while suspended."""
+
+    def resume(self) -> None:
+        """Let the guest run again.  Raises ``DomainError``."""
+
+    def close(self) -> None:
+        """End protection: resume the guest if it is suspended, free handles.
+
+        Never raises for a guest that is merely already running.
+        """
+
+
+def open_domain(spec: str) -> Domain:
+    """The domain named by a command line's domain argument.
+
+    ``sim:NAME[,key=value...]`` is the built-in simulated domain; anything else
+    is a Xen domain name or numeric id.
+
+    Raises:
+        UsageError: a malformed ``sim:`` spec.
+        XenUnavailable: a Xen domain was named but Xen cannot be used here.
+        DomainNotFound: no Xen domain has that name or id.
+    """
+    if spec.startswith("sim:"):
+        from remus.sim.domain import SimulatedDomain
+        from remus.sim.spec import parse_sim_spec
+
+        return SimulatedDomain(parse_sim_spec(spec))
+    from remus.xen import open_xen_domain
+
+    return open_xen_domain(spec)

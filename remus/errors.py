@@ -1,0 +1,121 @@
+"""Every exception remus raises on purpose.
+
+Each class says when it is raised and what the user can do about it.  Only
+``remus.cli`` (and the other command front ends) turn these into messages and
+exit codes; library code raises and never prints.  Any other exception that
+escapes is a bug.
+"""
+
+from __future__ import annotations
+
+
+class RemusError(Exception):
+    """Base class: a failure with a message fit to show a user as is."""
+
+
+class UsageError(RemusError):
+    """The command line (or a ``sim:`` domain spec) is malformed.
+
+    The front ends report it in one line and exit 2.
+    """
+
+
+class DomainNotFound(RemusError):
+    """No domain has the given name or id.  The front ends exit 1."""
+
+
+class DomainError(RemusError):
+    """An operation on the protected domain failed (suspend, capture, resume).
+
+    The message names the domain and the operation.
+    """
+
+
+class CheckpointError(RemusError):
+    """A checkpoint could not be completed.
+
+    ``phase`` names the step that failed (``suspend``, ``postsuspend``,
+    ``capture``, ``preresume``, ``resume``, ``send``, ``ack``, ``commit``,
+    ``wait``), ``seq`` the checkpoint number and ``__cause__`` the error that
+    caused it.  The engine has already resumed the domain and released every
+    output buffer when this reaches the caller.
+    """
+
+    def __init__(self, phase: str, seq: int, message: str) -> None:
+        super().__init__(f"checkpoint {seq} failed in {phase}: {message}")
+        self.phase = phase
+        self.seq = seq
+
+
+class TransportError(RemusError):
+    """The replication connection could not be set up or broke."""
+
+
+class BackupLost(TransportError):
+    """The backup stopped answering (EOF, reset, or heartbeat timeout).
+
+    Raised on the primary.  The domain keeps running there but is no longer
+    protected.
+    """
+
+
+class PrimaryLost(TransportError):
+    """The primary stopped sending (EOF, reset, or heartbeat timeout).
+
+    Raised on the backup; it triggers failover.
+    """
+
+
+class ProtocolError(RemusError):
+    """The replication stream broke the stream format's rules.
+
+    Never raised directly: see the two subclasses, which say which side is at
+    fault.
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """This process tried to send something the format does not allow (a bug)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid stream (bad magic, a length
+    over the documented bound, a record out of order, a checksum mismatch)."""
+
+
+class XenUnavailable(RemusError):
+    """A Xen domain was asked for but Xen cannot be used from this process.
+
+    The message names what is missing (the hypervisor interface
+    ``/dev/xen/privcmd``, a library such as ``libxenguest.so.4.17``, root
+    privileges) and how to get it.
+    """
+
+
+class XenError(RemusError):
+    """A call into libxenctrl, libxenguest or libxenstore failed.
+
+    ``op`` is the C function, ``code`` its return value and ``errno`` the
+    error number it left behind.
+    """
+
+    def __init__(self, op: str, code: int, errno: int, detail: str = "") -> None:
+        import os
+
+        reason = os.strerror(errno) if errno else "no errno"
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"{op} failed (rc={code}, errno={errno} {reason}){extra}")
+        self.op = op
+        self.code = code
+        self.errno = errno
+
+
+class NetbufError(RemusError):
+    """Network output buffering could not be set up, driven or torn down."""
+
+
+class NetbufUnavailable(NetbufError):
+    """This kernel or host cannot buffer output (no sch_plug, no ifb, not root).
+
+    The message says which, and how to get it.
+    """

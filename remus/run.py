@@ -1,0 +1,95 @@
+"""Running ``remus`` once its settings are known: open, protect, report, clean up.
+
+This is the only place that turns engine outcomes into messages and exit
+statuses (0: stopped on request; 1: a checkpoint failed, the backup was lost,
+or the domain could not be opened).  Messages go to stderr, one line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from remus.channel import BlackholeChannel, Channel
+from remus.clock import StopFlag
+from remus.domain import open_domain
+from remus.engine import Engine
+from remus.errors import BackupLost, CheckpointError, RemusError, UsageError
+from remus.report import Reporter
+from remus.signals import stop_on_signals
+
+if TYPE_CHECKING:
+    from remus.cli import Settings
+
+
+def _say(message: str) -> None:
+    print(f"remus: {message}", file=sys.stderr)
+
+
+def open_channel(settings: "Settings") -> Channel:
+    """``--blackhole`` or a TCP connection to the receiver."""
+    if settings.blackhole:
+        return BlackholeChannel()
+    from remus.transport import TcpChannel
+
+    return TcpChannel(settings.destination, settings.port, ack_timeout_ms=settings.ack_timeout_ms)
+
+
+def run(settings: "Settings") -> int:
+    """Protect ``settings.domain`` until stopped; return the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="remus: %(message)s", stream=sys.stderr)
+    stop = StopFlag()
+    with stop_on_signals(stop):
+        try:
+            domain = open_domain(settings.domain)
+        except UsageError as exc:
+            _say(f"error: {exc}")
+            return 2
+        except RemusError as exc:
+            _say(str(exc))
+            return 1
+        with contextlib.closing(domain):
+            name = domain.info.name
+            label = f"{domain.info.kind}:{name}"
+            reporter = Reporter(label, sys.stderr, settings.stats_json)
+            try:
+                channel = open_channel(settings)
+                engine = Engine(
+                    domain,
+                    channel,
+                    interval_ms=settings.interval_ms,
+                    timer=settings.timer,
+                    compression=settings.compression,
+                    devices=list(domain.devices(settings.net_buffering)),
+                    session={
+                        "interval_ms": settings.interval_ms,
+                        "compression": settings.compression,
+                        "net_buffering": settings.net_buffering,
+                        "timer": settings.timer,
+                    },
+                    stop=stop,
+                    on_checkpoint=reporter,
+                )
+            except RemusError as exc:
+                _say(str(exc))
+                return 1
+            status = 1
+            try:
+                engine.run()
+                status = 0
+            except BackupLost as exc:
+                _say(f"{exc}; domain {name} is no longer protected (it keeps running here)")
+            except CheckpointError as exc:
+                _say(f"{exc}; domain {name} keeps running here, unprotected")
+            except RemusError as exc:
+                _say(f"{exc}; domain {name} keeps running here, unprotected")
+            except KeyboardInterrupt:
+                _say(f"interrupted; domain {name} resumed and its output released")
+                status = 0
+            finally:
+                reporter.finish(engine.statistics())
+            if status == 0 and stop.reason == "SIGTERM":
+                print("*** signalled ***")
+            return status
