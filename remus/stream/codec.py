@@ -26,6 +26,7 @@ from remus.errors import RemoteProtocolError
 from remus.stream.records import (
     REC_ALIGN,
     STREAM_HEADER_SIZE,
+    DomainHeader,
     RemusRecType,
     Record,
     StreamHeader,
@@ -111,12 +112,16 @@ class StreamDecoder:
     """Incremental decoder for one direction of a replication connection.
 
     ``max_record_bytes`` bounds a single record body (see the module docstring).
+    With ``libxc=True`` it reads a plain libxc v2 stream instead (as written by
+    ``xc_domain_save``): its 40-byte image and domain headers come out as one
+    ``DomainHeader`` event, then its records.
     The decoder also keeps the running count and CRC-32 of the checkpoint
     records it handed out since the last ``take_commit_digest`` call, for the
     caller that verifies COMMIT records (see ``counts_toward_commit``).
     """
 
-    def __init__(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+    def __init__(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, *, libxc: bool = False) -> None:
+        self._libxc = libxc
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
@@ -158,11 +163,12 @@ class StreamDecoder:
                 is unusable afterwards.
         """
         if not self._header_seen:
-            if self.buffered < STREAM_HEADER_SIZE:
+            size = DomainHeader.SIZE if self._libxc else STREAM_HEADER_SIZE
+            if self.buffered < size:
                 return self._need()
-            raw = bytes(self._buf[self._pos : self._pos + STREAM_HEADER_SIZE])
-            header = StreamHeader.decode(raw)
-            self._pos += STREAM_HEADER_SIZE
+            raw = bytes(self._buf[self._pos : self._pos + size])
+            header: Event = DomainHeader.parse_libxc(raw) if self._libxc else StreamHeader.decode(raw)
+            self._pos += size
             self._header_seen = True
             return header
         if self.buffered < _RHDR.size:
