@@ -26,6 +26,7 @@ The engine prints nothing: it reports each checkpoint to ``on_checkpoint``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -127,6 +128,7 @@ class Engine:
 
     def _checkpoint(self, seq: int) -> float:
         clock = self.clock
+        wall_suspend = time.time()
         t_suspend = clock.now()
         self._step("suspend", seq, self.domain.suspend)
         self._step("postsuspend", seq, self.devices.postsuspend)
@@ -138,6 +140,7 @@ class Engine:
         self._step("send", seq, lambda: self.channel.send(encoded))
         self._step("ack", seq, lambda: self.channel.wait_for_ack(seq))
         t_acked = clock.now()
+        wall_acked = time.time()
         self._step("commit", seq, self.devices.commit)
         period = None if self._last_suspend is None else (t_suspend - self._last_suspend) * 1000.0
         self._last_suspend = t_suspend
@@ -150,6 +153,8 @@ class Engine:
             ack_ms=(t_acked - t_resumed) * 1000.0,
             period_ms=period,
             overruns=self.pacer.overruns,
+            suspended_unix=wall_suspend,
+            acked_unix=wall_acked,
         )
         self._summary.add(stats)
         if self._on_checkpoint is not None:
