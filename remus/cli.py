@@ -322,3 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from remus.run import run
 
     return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
