@@ -14,7 +14,7 @@ command line's domain argument.  This module never touches a guest itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from remus.devices import CheckpointDevice
 from remus.stream.records import Record
@@ -27,11 +27,18 @@ class Capture:
     ``records`` are the domain's stream records for this checkpoint in the
     libxc v2 layout (``DomainHeader`` first in the first capture, then
     PAGE_DATA and state records, then ``Checkpoint``).  ``dirty_pages`` counts
-    the pages they carry.
+    the pages they carry.  A domain whose records need work that does not
+    need the guest stopped (hashing, say) passes ``finish`` instead: the
+    engine calls it after the guest resumed, and it returns the records.
     """
 
     records: Sequence[Record]
     dirty_pages: int
+    finish: Optional[Callable[[], Sequence[Record]]] = None
+
+    def final_records(self) -> Sequence[Record]:
+        """The records to send (calls ``finish`` if there is one)."""
+        return self.finish() if self.finish is not None else self.records
 
 
 @dataclass(frozen=True)

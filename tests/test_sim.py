@@ -187,15 +187,16 @@ def test_capture_returns_exactly_the_dirty_pages_and_the_vcpu() -> None:
     try:
         domain.suspend()
         first = domain.capture()
-        assert isinstance(first.records[0], DomainHeader)
+        assert isinstance(first.final_records()[0], DomainHeader)
         assert first.dirty_pages == 512  # the first capture is the whole memory
         domain.resume()
         time.sleep(0.1)
         domain.suspend()
         second = domain.capture()
-        pages = [r for r in second.records if isinstance(r, PageData)]
-        vcpu = [r for r in second.records if isinstance(r, SimVcpu)][0]
-        assert isinstance(second.records[-1], Checkpoint)
+        records2 = second.final_records()
+        pages = [r for r in records2 if isinstance(r, PageData)]
+        vcpu = [r for r in records2 if isinstance(r, SimVcpu)][0]
+        assert isinstance(records2[-1], Checkpoint)
         dirty_pfns = [p for r in pages for p in r.pfns]
         assert 0 < len(dirty_pfns) == second.dirty_pages < 512
         for record in pages:
@@ -240,7 +241,7 @@ class AckRecorder:
         self._pending: dict[int, int] = {}
 
     def note_capture(self, capture: Capture, seq: int) -> None:
-        vcpu = [r for r in capture.records if isinstance(r, SimVcpu)][0]
+        vcpu = [r for r in capture.final_records() if isinstance(r, SimVcpu)][0]
         self._pending[seq] = vcpu.counter
 
     def open(self, opening: bytes) -> None:
