@@ -139,3 +139,17 @@ def test_encoder_reports_sizes_before_and_after_compression() -> None:
     packed = CheckpointEncoder(compression=True).encode(1, records)
     assert plain.raw_bytes == plain.wire_bytes == packed.raw_bytes
     assert packed.wire_bytes < plain.wire_bytes // 20
+
+
+def test_xor_matches_the_plain_definition_for_every_shape_of_change() -> None:
+    import random
+
+    rng = random.Random(3)
+    base = rng.randbytes(PAGE_SIZE)
+    for changed_chunks in range(0, 9):
+        page = bytearray(base)
+        for chunk in rng.sample(range(8), changed_chunks):
+            page[chunk * 512 + rng.randrange(512)] ^= 0xFF
+        expected = bytes(x ^ y for x, y in zip(page, base))
+        assert xor_pages(bytes(page), base) == expected
+    assert xor_pages(b"abc", b"abd") == b"\0\0\x07"

@@ -21,9 +21,10 @@ from remus.stream.records import PAGE_SIZE, PageData
 
 
 def workload(pages: int, rounds: int, seed: int = 1) -> tuple[list[bytes], list[list[tuple[int, bytes]]]]:
-    """A guest memory and ``rounds`` checkpoints of ``pages`` dirty pages with 64-byte edits."""
+    """A guest's initial memory and ``rounds`` checkpoints of ``pages`` dirty pages with 64-byte edits."""
     rng = random.Random(seed)
-    memory = [rng.randbytes(PAGE_SIZE) if i % 2 else bytes(PAGE_SIZE) for i in range(pages * 4)]
+    initial = [rng.randbytes(PAGE_SIZE) if i % 2 else bytes(PAGE_SIZE) for i in range(pages * 4)]
+    memory = list(initial)
     checkpoints = []
     for _ in range(rounds):
         dirty = rng.sample(range(len(memory)), pages)
@@ -35,7 +36,7 @@ def workload(pages: int, rounds: int, seed: int = 1) -> tuple[list[bytes], list[
             memory[pfn] = bytes(page)
             batch.append((pfn, memory[pfn]))
         checkpoints.append(batch)
-    return memory, checkpoints
+    return initial, checkpoints
 
 
 def timed(fn: Callable[[], int]) -> tuple[float, int]:
