@@ -180,19 +180,19 @@ def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
                 raise UsageError(f"{opt.long} option does not take a value")
         elif arg.startswith("-") and arg != "-":
             for j, ch in enumerate(arg[1:], start=1):
-                opt = _SHORT.get("-" + ch)
-                if opt is None:
+                short = _SHORT.get("-" + ch)
+                if short is None:
                     raise UsageError(f"no such option: -{ch}")
-                if opt.short == "-h":
+                if short.short == "-h":
                     return ("help", i)
-                if opt.takes_value:
+                if short.takes_value:
                     value = arg[j + 1 :]
                     if not value:
                         if i + 1 >= len(argv):
                             raise UsageError(f"-{ch} option requires 1 argument")
                         i += 1
                         value = argv[i]
-                    _check_value(opt, f"-{ch}", value)
+                    _check_value(short, f"-{ch}", value)
                     break
         i += 1
     return None
