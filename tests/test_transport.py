@@ -196,3 +196,31 @@ def test_primary_whose_backup_disappears_releases_output_and_exits_1(tmp_path: P
     # Everything the guest sent before remus gave up was released, not kept plugged.
     counters = [int(line.split()[0]) for line in out.read_text().splitlines()]
     assert counters and counters == sorted(counters)
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_garbage_from_the_primary_is_a_protocol_error_and_only_complete_checkpoints_activate(after: int) -> None:
+    backup = ReceiverThread(heartbeat_timeout_s=5)
+    primary = make_primary(3)
+    valid = bytes(primary.stream[: primary.commit_ends[after]])
+    with socket.create_connection(("127.0.0.1", backup.port)) as sock:
+        sock.sendall(valid + b"\x00garbage, not a record" * 50)
+        if after == 0:
+            time.sleep(0.5)
+    if after == 0:
+        # Nothing was committed: nothing to activate (the session had opened, so it counts).
+        event = backup.wait_event("nothing-to-activate")
+    else:
+        event = backup.wait_event("activated")
+        assert event["seq"] == after and event["verified"] is True
+    assert any(e["event"] == "protocol-error" for e in backup.events)
+    backup.finish()
+
+
+def test_a_port_probe_is_not_a_session() -> None:
+    backup = ReceiverThread()
+    socket.create_connection(("127.0.0.1", backup.port)).close()
+    time.sleep(0.3)
+    assert backup.thread.is_alive()  # --once still waits for a real session
+    assert any("ended before opening a session" in line for line in backup.lines)
+    backup.finish()
