@@ -237,6 +237,25 @@ def _last(parsed: Mapping[str, object], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
+def _int_option(parsed: Mapping[str, object], key: str, label: str, default: int, high: int, unit: str,
+                warnings: list[str], ignored_zero: Optional[str] = None) -> int:
+    """An integer option's value: optparse's conversion, then 1..high.
+
+    With ``ignored_zero`` a 0 keeps the default (the old tool tested the value
+    for truth) and adds a warning.
+    """
+    raw = _last(parsed, key)
+    if raw is None:
+        return default
+    value = _parse_optparse_int(label, raw)
+    if value == 0 and ignored_zero:
+        warnings.append(f"{ignored_zero} is ignored (as by the old remus): using {default}")
+        return default
+    if not 0 < value <= high:
+        raise UsageError(f"option {label}: {value} is not between 1 and {high} {unit}")
+    return value
+
+
 def _settings(parsed: Mapping[str, object]) -> Settings:
     args = list(parsed["<args>"])  # type: ignore[call-overload]
     if "--" in args:
@@ -247,37 +266,12 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
     if len(args) > 2:
         warnings.append(f"ignoring extra arguments: {' '.join(args[2:])}")
 
-    interval_ms = DEFAULT_INTERVAL_MS
-    raw = _last(parsed, "--interval")
-    if raw is not None:
-        value = _parse_optparse_int("-i/--interval", raw)
-        if value == 0:
-            warnings.append(f"-i 0 is ignored (as by the old remus): using {DEFAULT_INTERVAL_MS} ms")
-        elif value < 0:
-            raise UsageError(f"option -i/--interval: {value} is not a positive number of milliseconds")
-        elif value > 3_600_000:
-            raise UsageError(f"option -i/--interval: {value} ms is over the 1-hour maximum")
-        else:
-            interval_ms = value
-
-    port = DEFAULT_PORT
-    raw = _last(parsed, "--port")
-    if raw is not None:
-        value = _parse_optparse_int("-p/--port", raw)
-        if value == 0:
-            warnings.append(f"-p 0 is ignored (as by the old remus): using port {DEFAULT_PORT}")
-        elif not 0 < value <= 65535:
-            raise UsageError(f"option -p/--port: {value} is not a TCP port (1-65535)")
-        else:
-            port = value
-
-    ack_timeout_ms = DEFAULT_ACK_TIMEOUT_MS
-    raw = _last(parsed, "--ack-timeout")
-    if raw is not None:
-        value = _parse_optparse_int("--ack-timeout", raw)
-        if value <= 0:
-            raise UsageError(f"option --ack-timeout: {value} is not a positive number of milliseconds")
-        ack_timeout_ms = value
+    interval_ms = _int_option(parsed, "--interval", "-i/--interval", DEFAULT_INTERVAL_MS, 3_600_000,
+                              "milliseconds", warnings, ignored_zero="-i 0")
+    port = _int_option(parsed, "--port", "-p/--port", DEFAULT_PORT, 65535, "(a TCP port)", warnings,
+                       ignored_zero="-p 0")
+    ack_timeout_ms = _int_option(parsed, "--ack-timeout", "--ack-timeout", DEFAULT_ACK_TIMEOUT_MS,
+                                 3_600_000, "milliseconds", warnings)
 
     return Settings(
         domain=args[0],

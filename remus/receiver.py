@@ -77,12 +77,13 @@ def hosts_allow_matcher(patterns: Optional[str]) -> Callable[[str], bool]:
     compiled = [re.compile(p) for p in patterns.split()]
 
     def allowed(addr: str) -> bool:
-        names = [addr]
-        try:
-            names.append(socket.gethostbyaddr(addr)[0])
+        if any(rx.fullmatch(addr) for rx in compiled):
+            return True
+        try:  # only when the address itself does not match: a reverse lookup can be slow
+            name = socket.gethostbyaddr(addr)[0]
         except OSError:
-            pass
-        return any(rx.fullmatch(name) for rx in compiled for name in names)
+            return False
+        return any(rx.fullmatch(name) for rx in compiled)
 
     return allowed
 

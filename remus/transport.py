@@ -165,7 +165,7 @@ class TcpChannel:
             self.wait_for_ack(0, timeout_s=self.connect_timeout_s)  # the session was accepted
         except BackupLost as exc:
             self.abort()
-            raise TransportError(f"{self.where}: {exc}") from None
+            raise TransportError(str(exc)) from None
         self._heartbeats = Heartbeats(self._out, self.heartbeat_interval_s, self._write_failed)
         self._heartbeats.start()
 

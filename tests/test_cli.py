@@ -207,12 +207,12 @@ def test_missing_domain_prints_message_and_help_and_exits_1() -> None:
 
 @pytest.mark.parametrize("argv,reason", [
     (["-i", "abc", "dom"], "option -i: invalid integer value: 'abc'"),
-    (["-p", "70000", "dom"], "option -p/--port: 70000 is not a TCP port (1-65535)"),
+    (["-p", "70000", "dom"], "option -p/--port: 70000 is not between 1 and 65535 (a TCP port)"),
     (["--bogus", "dom"], "no such option: --bogus"),
     (["-x", "dom"], "no such option: -x"),
     (["--no", "dom"], "ambiguous option: --no (--no-compression, --no-net?)"),
     (["dom", "-i"], "-i option requires 1 argument"),
-    (["-i", "-5", "dom"], "option -i/--interval: -5 is not a positive number of milliseconds"),
+    (["-i", "-5", "dom"], "option -i/--interval: -5 is not between 1 and 3600000 milliseconds"),
     (["--timer=yes", "dom"], "--timer option does not take a value"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv: list[str], reason: str) -> None:
