@@ -27,13 +27,20 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from docopt import docopt
 
 from remus import __version__
 from remus.errors import UsageError
+from remus.settings import (
+    DEFAULT_ACK_TIMEOUT_MS,
+    DEFAULT_DESTINATION,
+    DEFAULT_INTERVAL_MS,
+    DEFAULT_PORT,
+    Settings,
+)
 
 HELP = __doc__ or ""
 OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
@@ -43,27 +50,7 @@ OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
 #: number of positional arguments (the first two are used).
 GRAMMAR = "Usage:\n  remus [options]... [<args>...]\n" + HELP[HELP.index("\n\nOptions:") :]
 
-DEFAULT_INTERVAL_MS = 200
-DEFAULT_PORT = 8002  # xend-relocation-port
-DEFAULT_DESTINATION = "localhost"
-DEFAULT_ACK_TIMEOUT_MS = 5000
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The effective settings of one ``remus`` run."""
-
-    domain: str
-    destination: str = DEFAULT_DESTINATION
-    interval_ms: int = DEFAULT_INTERVAL_MS
-    port: int = DEFAULT_PORT
-    blackhole: bool = False
-    net_buffering: bool = True
-    compression: bool = True
-    timer: bool = False
-    stats_json: Optional[str] = None
-    ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+__all__ = ["HELP", "MissingDomain", "Settings", "ShowText", "main", "parse"]
 
 
 class ShowText(Exception):
@@ -313,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for warning in settings.warnings:
         print(f"remus: warning: {warning}", file=sys.stderr)
-    from remus.run import run
+    from remus.run import run  # imported late: parsing must not load the engine
 
     return run(settings)
 

@@ -7,8 +7,9 @@ engine drives it strictly in this order, once per checkpoint::
 
 and calls ``close()`` exactly once at the end, on every exit path.  Kinds of
 domain live elsewhere (``remus.sim`` for the built-in simulated guest,
-``remus.xen`` for real Xen domains); ``open_domain`` picks one from the
-command line's domain argument.  This module never touches a guest itself.
+``remus.xen`` for real Xen domains); ``remus.domains.open_domain`` picks one
+from the command line's domain argument.  This module never touches a guest
+itself.
 """
 
 from __future__ import annotations
@@ -81,24 +82,3 @@ class Domain(Protocol):
 
         Never raises for a guest that is merely already running.
         """
-
-
-def open_domain(spec: str) -> Domain:
-    """The domain named by a command line's domain argument.
-
-    ``sim:NAME[,key=value...]`` is the built-in simulated domain; anything else
-    is a Xen domain name or numeric id.
-
-    Raises:
-        UsageError: a malformed ``sim:`` spec.
-        XenUnavailable: a Xen domain was named but Xen cannot be used here.
-        DomainNotFound: no Xen domain has that name or id.
-    """
-    if spec.startswith("sim:"):
-        from remus.sim.domain import SimulatedDomain
-        from remus.sim.spec import parse_sim_spec
-
-        return SimulatedDomain(parse_sim_spec(spec))
-    from remus.xen import open_xen_domain
-
-    return open_xen_domain(spec)
