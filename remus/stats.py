@@ -17,7 +17,9 @@ class CheckpointStats:
     the start of sending to the backup's ack; ``period_ms``: since the
     previous checkpoint's suspend (None for the first); ``raw_bytes`` /
     ``wire_bytes``: the checkpoint framed without / with compression;
-    ``overruns``: ``--timer`` grid points missed so far.
+    ``overruns``: ``--timer`` grid points missed so far.  ``suspended_unix``
+    and ``acked_unix`` are wall-clock times (``time.time()``) of the suspend
+    and of the ack, for matching against packet captures.
     """
 
     seq: int
@@ -28,6 +30,8 @@ class CheckpointStats:
     ack_ms: float
     period_ms: Optional[float]
     overruns: int
+    suspended_unix: float = 0.0
+    acked_unix: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
