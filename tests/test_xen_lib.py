@@ -101,7 +101,7 @@ def test_remus_on_a_machine_without_xen(no_binding_loaded: None, monkeypatch: py
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1
-    assert err.startswith("remus: cannot use Xen here: ")
+    assert err.startswith("remus: cannot open Xen domain 'somedomain': ")
     assert "run remus in dom0 of a Xen host" in err
 
 
@@ -112,7 +112,7 @@ def test_the_command_itself_fails_clearly_without_xen() -> None:
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1
     assert proc.stdout == ""
-    assert proc.stderr.startswith("remus: cannot use Xen here: /dev/xen/privcmd is missing")
+    assert proc.stderr.startswith("remus: cannot open Xen domain 'somedomain': /dev/xen/privcmd is missing")
     assert proc.stderr.count("\n") == 1
 
 
@@ -121,3 +121,15 @@ def test_importing_remus_loads_no_xen_library() -> None:
             "print(any(m.startswith('remus.xen.') for m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_libxc_messages_map_to_logging_levels() -> None:
+    import logging
+
+    lib = SimpleNamespace(XTL_INFO=5, XTL_WARN=7, XTL_ERROR=8)
+    assert xenlib.xtl_to_logging(lib, 8, errno.EIO, "Failed to enable logdirty") == logging.ERROR
+    assert xenlib.xtl_to_logging(lib, 9, 0, "anything critical") == logging.ERROR
+    # remus ending the save on purpose makes libxc say this at error level; it is not an error
+    assert xenlib.xtl_to_logging(lib, 8, 0, "Save failed (0 = Success): Internal error") == logging.DEBUG
+    assert xenlib.xtl_to_logging(lib, 7, 0, "a warning") == logging.WARNING
+    assert xenlib.xtl_to_logging(lib, 5, 0, "Saving domain 3, type x86 PV") == logging.DEBUG

@@ -35,7 +35,7 @@ def open_xen_domain(spec: str) -> "XenDomain":
     from remus.xen.saver import CheckpointSaver
     from remus.xen.suspend import BoundSuspendChannel, EvtchnSuspender, Suspender, XenstoreSuspender
 
-    b = lib.load()
+    b = lib.load(purpose=f"open Xen domain {spec!r}")
     with contextlib.ExitStack() as stack:
         xenstore = store.XenStore(b)
         stack.callback(xenstore.close)

@@ -25,11 +25,39 @@ SOURCE = """
 #include <xenevtchn.h>
 #include <xenguest.h>
 #include <xenstore.h>
+#include <stdio.h>
 #include <xentoollog.h>
 
-static xentoollog_logger *remus_error_logger(void)
+/* libxc's messages go to Python's logging (remus.xen.lib), formatted here because Python
+ * cannot take a va_list.  Progress reports and anything below XTL_INFO are dropped in C. */
+static void remus_xtl_message(int level, int errnoval, const char *context, const char *msg);
+
+static void remus_xtl_vmessage(struct xentoollog_logger *logger, xentoollog_level level,
+                               int errnoval, const char *context, const char *format, va_list al)
 {
-    return (xentoollog_logger *)xtl_createlogger_stdiostream(stderr, XTL_ERROR, 0);
+    char msg[1024];
+
+    if (level < XTL_INFO)
+        return;
+    vsnprintf(msg, sizeof(msg), format, al);
+    remus_xtl_message(level, errnoval, context ? context : "", msg);
+}
+
+static void remus_xtl_progress(struct xentoollog_logger *logger, const char *context,
+                               const char *doing_what, int percent,
+                               unsigned long done, unsigned long total)
+{
+}
+
+static void remus_xtl_destroy(struct xentoollog_logger *logger)
+{
+}
+
+static xentoollog_logger remus_xtl = { remus_xtl_vmessage, remus_xtl_progress, remus_xtl_destroy };
+
+static xentoollog_logger *remus_logger(void)
+{
+    return &remus_xtl;
 }
 
 struct remus_dominfo {

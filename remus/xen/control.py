@@ -1,7 +1,7 @@
 """libxenctrl and libxenguest handles: domain state, the cooperative resume, the save call.
 
-``XenControl`` owns one ``xc_interface`` (with a logger that prints only
-libxc's errors) and offers the few operations the Xen domain needs:
+``XenControl`` owns one ``xc_interface`` (whose messages go to Python's
+logging through ``remus.xen.lib``) and offers the few operations the Xen domain needs:
 ``info`` (a domain's state as a ``DomInfo``), ``resume_fast``
 (``xc_domain_resume(fast=1)``) and ``save_function``, which returns the
 ``run_save`` that ``remus.xen.saver.CheckpointSaver`` runs in its thread.
@@ -61,13 +61,8 @@ class XenControl:
 
     def __init__(self, b: Binding) -> None:
         self._b = b
-        self._logger = b.check_ptr(b.lib.remus_error_logger(), "xtl_createlogger_stdiostream")
-        self._xch: Any = None
-        try:
-            self._xch = self._open()
-        except BaseException:
-            b.lib.xtl_logger_destroy(self._logger)
-            raise
+        self._logger = b.lib.remus_logger()  # static: nothing to free
+        self._xch: Any = self._open()
 
     def _open(self) -> Any:
         return self._b.check_ptr(self._b.lib.xc_interface_open(self._logger, self._logger, 0),
@@ -125,4 +120,3 @@ class XenControl:
         if self._xch is not None:
             self._b.lib.xc_interface_close(self._xch)
             self._xch = None
-            self._b.lib.xtl_logger_destroy(self._logger)

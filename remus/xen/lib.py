@@ -17,7 +17,8 @@ errno the call left behind.
 
 The save callbacks libxc calls (``extern "Python"`` in the cdefs) are routed
 here to the Python object whose handle was passed as ``data``; see
-``remus.xen.saver`` for what they do.  This module never prints.
+``remus.xen.saver`` for what they do.  libxc's own messages arrive here too
+and go to the ``xc`` logger.  This module never prints.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any, Optional, Protocol
 from remus.errors import XenError, XenUnavailable
 
 log = logging.getLogger(__name__)
+#: libxc's own messages (errors show as "remus: xc: <context>: <message>").
+xc_log = logging.getLogger("xc")
 
 #: The hypervisor's privileged-command device; it exists only in dom0 of a Xen host.
 PRIVCMD = "/dev/xen/privcmd"
@@ -101,8 +104,10 @@ def _import_binding() -> tuple[Optional[Binding], Optional[str]]:
     return Binding(xenlib.ffi, xenlib.lib), None
 
 
-def load(privcmd: Optional[str] = None) -> Binding:
+def load(privcmd: Optional[str] = None, purpose: str = "use Xen here") -> Binding:
     """The binding, loaded once per process.
+
+    ``purpose`` opens the error message ("cannot <purpose>: ...").
 
     Raises:
         XenUnavailable: Xen cannot be used from this process; the message
@@ -117,7 +122,7 @@ def load(privcmd: Optional[str] = None) -> Binding:
         if trouble:
             missing.append(trouble)
         if missing:
-            raise XenUnavailable("cannot use Xen here: " + "; ".join(missing))
+            raise XenUnavailable(f"cannot {purpose}: " + "; ".join(missing))
         assert binding is not None
         _register_callbacks(binding)
         _binding = binding
@@ -167,3 +172,24 @@ def _register_callbacks(b: Binding) -> None:
     def remus_save_checkpoint(data: Any) -> int:
         cb: SaveCallbacks = ffi.from_handle(data)
         return cb.on_checkpoint()
+
+    @ffi.def_extern(onerror=failed)  # type: ignore[misc]
+    def remus_xtl_message(level: int, errnoval: int, context: Any, msg: Any) -> None:
+        text = ffi.string(msg).decode("utf-8", "replace")
+        where = ffi.string(context).decode("utf-8", "replace")
+        xc_log.log(xtl_to_logging(b.lib, level, errnoval, text), "%s: %s", where, text)
+
+
+def xtl_to_logging(lib: Any, level: int, errnoval: int, text: str) -> int:
+    """The ``logging`` level of a libxc message of ``xentoollog_level`` ``level``.
+
+    libxc reports "Save failed (0 = Success)" at error level when a callback
+    ended the save on purpose (remus stopping); that one is only informative.
+    """
+    if level >= lib.XTL_ERROR:
+        if errnoval == 0 and text.startswith("Save failed"):
+            return logging.DEBUG
+        return logging.ERROR
+    if level >= lib.XTL_WARN:
+        return logging.WARNING
+    return logging.DEBUG

@@ -263,6 +263,7 @@ class CheckpointSaver:
         if isinstance(record, PageData):
             self._epoch_pages += len(record.pfns)
         elif isinstance(record, Checkpoint):
+            log.debug("%s: epoch of %d records, %d pages", self.name, len(self._epoch), self._epoch_pages)
             with self._cond:
                 self._epochs.append(Capture(self._epoch, self._epoch_pages))
                 self._cond.notify_all()
@@ -270,6 +271,7 @@ class CheckpointSaver:
             self._epoch_pages = 0
 
     def _rendezvous(self, name: str, timeout_s: Optional[float]) -> int:
+        log.debug("%s: libxc calls %s()", self.name, name)
         with self._cond:
             if self._stopping:
                 self._answers.clear()

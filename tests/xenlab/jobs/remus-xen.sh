@@ -5,13 +5,15 @@
 #   xen_binding           the binding loads and can talk to Xen
 #   domu_up               the PV guest runs and its console counter ticks
 #   remus_unknown_domain  a name no domain has: one line on stderr, exit 1
-#   remus_by_name         remus --blackhole -i 100 domu for REMUS_LAB_RUN_S (30) s, then SIGINT:
-#                         exit 0, checkpoints reported, guest running (r/b), counter advancing
+#   remus_by_name         remus --blackhole -i 100 domu until its first checkpoint (the live copy
+#                         of the whole guest), REMUS_LAB_RUN_S (30) s more, then SIGINT: exit 0,
+#                         checkpoints reported, guest running (r/b), its counter advancing
 #   remus_by_domid        the same with the numeric domain id
-#   xl_remus_ratio        xl remus -F -n -b -i 100 domu for as long: checkpoint rates of both
-#                         and their ratio (a measurement, not a timed assertion)
+#   xl_remus_ratio        xl remus -F -n -b -i 100 domu measured the same way: checkpoint rates
+#                         of both and their ratio (a measurement, not a timed assertion)
 . "$REMUS_LAB_SRC/tests/xenlab/dom0-lib.sh"
 RUN_S=${REMUS_LAB_RUN_S:-30}
+FIRST_TIMEOUT=${REMUS_LAB_FIRST_TIMEOUT:-300}
 OUTD=$REMUS_LAB_OUT
 
 section "build remus and its Xen binding in dom0"
@@ -37,76 +39,90 @@ lines=$(grep -c . $OUTD/unknown.err)
 [ $rc = 1 ] && [ "$lines" = 1 ] && [ ! -s $OUTD/unknown.out ]
 check remus_unknown_domain $? "exit $rc, $lines line(s) on stderr: $(head -1 $OUTD/unknown.err)"
 
-# rate FILE: "checkpoints seconds rate mean_pause_ms" from a --stats-json file
-rate() {
+# Both tools first copy the whole guest while it runs (libxc's live precopy; slow under TCG),
+# so each is measured over the same window: the RUN_S seconds after its first checkpoint.
+# count FILE PATTERN: how many lines match so far
+count() { _n=$(grep -c "$2" "$1" 2>/dev/null); echo "${_n:-0}"; }
+
+# pauses FILE: the mean and largest suspend-to-resume pause after the first checkpoint
+pauses() {
     python3 - "$1" <<'EOF'
 import json, sys
-n, duration, pause = 0, 0.0, 0.0
-try:
-    for line in open(sys.argv[1]):
-        event = json.loads(line)
-        if event["event"] == "checkpoint":
-            n += 1
-        elif event["event"] == "summary":
-            duration, pause = event["duration_s"], event["mean_pause_ms"]
-except (OSError, ValueError, KeyError):
-    pass
-print(n, round(duration, 1), round(n / duration, 2) if duration else 0, round(pause, 1))
+p = [e["pause_ms"] for e in map(json.loads, open(sys.argv[1])) if e.get("event") == "checkpoint"][1:]
+print(f"pause mean {sum(p) / len(p):.0f} ms, max {max(p):.0f} ms" if p else "no pause measured")
 EOF
 }
 
-# protect NAME TARGET: remus on TARGET for RUN_S seconds, SIGINT, then check the guest.
-protect() {
-    name=$1 target=$2 stats=$OUTD/$1.stats.jsonl
-    section "remus --blackhole -i 100 $target for ${RUN_S}s, then SIGINT"
-    rm -f "$stats"
-    timeout -k 30 --preserve-status -s INT "$RUN_S" \
-        python3 $LAB_BUILD/bin/remus --blackhole -i 100 --stats-json "$stats" "$target" \
-        > $OUTD/$name.log 2>&1
+# run_and_measure NAME PATTERN CMD...: start CMD (its output in $OUTD/NAME.log), wait for its first
+# checkpoint (a PATTERN line in FILE=$measure_file), count them for RUN_S seconds, SIGINT it, wait.
+# Sets rc, first_s (seconds to the first checkpoint), n (checkpoints in the window), secs.
+run_and_measure() {
+    name=$1 pattern=$2; shift 2
+    # Background jobs of a non-interactive sh ignore SIGINT: give the command the default back.
+    env --default-signal=INT "$@" > $OUTD/$name.log 2>&1 &
+    pid=$!
+    t_start=$(uptime_s) first_s=none n=0 secs=0
+    i=0
+    while [ $i -lt "$FIRST_TIMEOUT" ] && kill -0 $pid 2>/dev/null; do
+        [ "$(count "$measure_file" "$pattern")" -ge 1 ] && break
+        sleep 1; i=$((i + 1))
+    done
+    if [ "$(count "$measure_file" "$pattern")" -ge 1 ]; then
+        t0=$(uptime_s); n0=$(count "$measure_file" "$pattern")
+        first_s=$(python3 -c "print(round($t0 - $t_start, 1))")
+        sleep "$RUN_S"
+        t1=$(uptime_s); n1=$(count "$measure_file" "$pattern")
+        n=$((n1 - n0)) secs=$(python3 -c "print(round($t1 - $t0, 1))")
+    fi
+    kill -INT $pid 2>/dev/null
+    ( sleep 60; kill -KILL $pid 2>/dev/null ) &
+    watchdog=$!
+    wait $pid
     rc=$?
+    kill $watchdog 2>/dev/null
+}
+
+# protect NAME TARGET: remus on TARGET, measured as above, then check the guest after SIGINT.
+protect() {
+    name=$1 target=$2
+    measure_file=$OUTD/$name.stats.jsonl
+    section "remus --blackhole -i 100 $target: first checkpoint, ${RUN_S}s more, then SIGINT"
+    rm -f "$measure_file"
+    run_and_measure "$name" '"event": "checkpoint"' \
+        python3 $LAB_BUILD/bin/remus --blackhole -i 100 --stats-json "$measure_file" "$target"
     cat $OUTD/$name.log
     state=$(domu_state)
     c1=$(domu_counter); sleep 4; c2=$(domu_counter)
-    set -- $(rate "$stats")
-    n=$1 secs=$2 per_s=$3 pause=$4
+    per_s=$(python3 -c "print(round($n / $secs, 2) if $secs else 0)")
     eval "${name}_rate=$per_s ${name}_n=$n ${name}_secs=$secs"
     ok=0
     [ "$rc" = 0 ] || ok=1
-    [ "$n" -ge 10 ] || ok=1
+    [ "$n" -ge 5 ] || ok=1
     running_state "$state" || ok=1
     [ -n "$c1" ] && [ -n "$c2" ] && [ "$c2" -gt "$c1" ] || ok=1
-    check "$name" $ok "exit $rc; $n checkpoints in ${secs}s ($per_s/s, mean pause ${pause} ms);" \
+    check "$name" $ok "exit $rc; first checkpoint after ${first_s}s, then $n in ${secs}s ($per_s/s," \
+        "$(pauses "$measure_file"));" \
         "after SIGINT: state $state, counter $c1 -> $c2 four seconds later"
 }
 
 protect remus_by_name domu
 protect remus_by_domid "$DOMID"
 
-section "xl remus -F -n -b -i 100 domu for ${RUN_S}s (the peer, for comparison)"
-watch_log=$OUTD/xl-remus-suspends.log
-# Count the guest's suspends from xenstore: @releaseDomain fires once per suspend.
-xenstore-watch @releaseDomain > $watch_log 2>&1 &
-WATCH=$!
-t0=$(uptime_s)
-timeout -k 30 --preserve-status -s INT "$RUN_S" xl -vvv remus -F -n -b -i 100 domu blackhole \
-    > $OUTD/xl-remus.log 2>&1
-rc=$?
-t1=$(uptime_s)
-sleep 1; kill $WATCH 2>/dev/null
-xl_secs=$(python3 -c "print(round($t1 - $t0, 1))")
-xl_n=$(grep -c 'Checkpointed save' $OUTD/xl-remus.log)
-xl_fires=$(($(grep -c . $watch_log) - 1))
-grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus.log | tail -15
+section "xl remus -F -n -b -i 100 domu, measured the same way (the peer, for comparison)"
+measure_file=$OUTD/xl-remus.log
+run_and_measure xl-remus 'Checkpointed save' xl -vvv remus -F -n -b -i 100 domu blackhole
+grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus.log | tail -8
 state=$(domu_state)
-echo "xl remus exit $rc; 'Checkpointed save' lines: $xl_n; @releaseDomain fires: $xl_fires; state $state"
-if [ "$xl_n" -gt 0 ]; then
-    xl_rate=$(python3 -c "print(round($xl_n / $xl_secs, 2))")
+echo "xl remus exit $rc; first checkpoint after ${first_s}s, then $n in ${secs}s; guest state $state"
+if [ "$n" -gt 0 ] && [ "${remus_by_name_n:-0}" -gt 0 ]; then
+    xl_rate=$(python3 -c "print(round($n / $secs, 2))")
     ratio=$(python3 -c "print(round($remus_by_name_rate / $xl_rate, 2))")
-    result xl_remus_ratio PASS "remus $remus_by_name_n checkpoints in ${remus_by_name_secs}s" \
-        "($remus_by_name_rate/s), xl remus $xl_n in ${xl_secs}s ($xl_rate/s): ratio remus/xl = $ratio;" \
-        "guest after xl remus: $state"
-else
+    result xl_remus_ratio PASS "checkpoints/s over ${RUN_S}s after the first: remus $remus_by_name_rate" \
+        "($remus_by_name_n), xl remus $xl_rate ($n): ratio remus/xl = $ratio; guest after xl remus: $state"
+elif [ "${remus_by_name_n:-0}" -gt 0 ]; then
     result xl_remus_ratio SKIP "xl remus made no checkpoint (exit $rc, see xl-remus.log);" \
         "remus alone: $remus_by_name_rate/s"
+else
+    result xl_remus_ratio FAIL "remus made no checkpoint to compare"
 fi
 exit $FAILS
