@@ -130,6 +130,7 @@ def test_libxc_messages_map_to_logging_levels() -> None:
     assert xenlib.xtl_to_logging(lib, 8, errno.EIO, "Failed to enable logdirty") == logging.ERROR
     assert xenlib.xtl_to_logging(lib, 9, 0, "anything critical") == logging.ERROR
     # remus ending the save on purpose makes libxc say this at error level; it is not an error
-    assert xenlib.xtl_to_logging(lib, 8, 0, "Save failed (0 = Success): Internal error") == logging.DEBUG
+    assert xenlib.xtl_to_logging(lib, 8, -1, "Save failed (0 = Success): Internal error") == logging.DEBUG
+    assert xenlib.xtl_to_logging(lib, 8, -1, "Save failed (5 = Input/output error)") == logging.ERROR
     assert xenlib.xtl_to_logging(lib, 7, 0, "a warning") == logging.WARNING
     assert xenlib.xtl_to_logging(lib, 5, 0, "Saving domain 3, type x86 PV") == logging.DEBUG

@@ -93,8 +93,8 @@ def _import_binding() -> tuple[Optional[Binding], Optional[str]]:
         if exc.name != "remus.xen._xenlib":
             raise
         return None, (
-            "remus was installed without its Xen binding (remus.xen._xenlib): "
-            "install the Xen headers (Debian: apt-get install libxen-dev) and reinstall remus"
+            "remus was installed without its Xen binding (remus.xen._xenlib): install the Xen "
+            "and Python headers (Debian: apt-get install libxen-dev python3-dev) and reinstall remus"
         )
     except ImportError as exc:  # the module is there, a library it links to is not
         return None, (
@@ -187,7 +187,7 @@ def xtl_to_logging(lib: Any, level: int, errnoval: int, text: str) -> int:
     ended the save on purpose (remus stopping); that one is only informative.
     """
     if level >= lib.XTL_ERROR:
-        if errnoval == 0 and text.startswith("Save failed"):
+        if text.startswith("Save failed (0 = Success)"):
             return logging.DEBUG
         return logging.ERROR
     if level >= lib.XTL_WARN:

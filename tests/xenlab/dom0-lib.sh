@@ -6,6 +6,7 @@
 #                                          per boot in /tmp/remus and cd there; see `remus`
 #   lab_domu_up                            the lab's PV guest "domu" running, counter ticking
 #   domu_counter / domu_state              its last console counter; its `xl list` state
+#   guest_runs                             domu runs (r or b, never s or p) over a few looks
 #   section TITLE                          a header in the job log
 # Every helper is idempotent, so jobs run alone (run-job.sh) or together (jobs/suite.sh).
 
@@ -72,6 +73,18 @@ lab_domu_up() {
     return 1
 }
 
-running_state() {  # true if an xl-list state means running or blocked (never suspended or paused)
-    case $1 in r-----|-b----) return 0 ;; *) return 1 ;; esac
+guest_runs() {
+    # True if domu is running: over five looks half a second apart, `xl list` shows it running
+    # (r) or blocked (b) at least once, and never suspended (s), paused (p), shut down or dying.
+    # ("------", runnable but waiting for a CPU, is common on a loaded TCG host.)
+    _seen_rb=1 _i=0
+    while [ $_i -lt 5 ]; do
+        case $(domu_state) in
+            r-----|-b----) _seen_rb=0 ;;
+            ------) ;;
+            *) return 1 ;;
+        esac
+        sleep 0.5; _i=$((_i + 1))
+    done
+    return $_seen_rb
 }

@@ -92,13 +92,14 @@ protect() {
         python3 $LAB_BUILD/bin/remus --blackhole -i 100 --stats-json "$measure_file" "$target"
     cat $OUTD/$name.log
     state=$(domu_state)
+    guest_runs; runs=$?
     c1=$(domu_counter); sleep 4; c2=$(domu_counter)
     per_s=$(python3 -c "print(round($n / $secs, 2) if $secs else 0)")
     eval "${name}_rate=$per_s ${name}_n=$n ${name}_secs=$secs"
     ok=0
     [ "$rc" = 0 ] || ok=1
     [ "$n" -ge 5 ] || ok=1
-    running_state "$state" || ok=1
+    [ $runs = 0 ] || ok=1
     [ -n "$c1" ] && [ -n "$c2" ] && [ "$c2" -gt "$c1" ] || ok=1
     check "$name" $ok "exit $rc; first checkpoint after ${first_s}s, then $n in ${secs}s ($per_s/s," \
         "$(pauses "$measure_file"));" \
@@ -114,6 +115,16 @@ run_and_measure xl-remus 'Checkpointed save' xl -vvv remus -F -n -b -i 100 domu 
 grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus.log | tail -8
 state=$(domu_state)
 echo "xl remus exit $rc; first checkpoint after ${first_s}s, then $n in ${secs}s; guest state $state"
+case $state in
+    *s*)  # the peer's known flaw: a stop that lands while the guest is suspended leaves it so
+        python3 -c 'import sys
+from remus.xen import lib
+from remus.xen.control import XenControl
+from remus.xen.store import XenStore
+b = lib.load(); domid = int(sys.argv[1])
+XenControl(b).resume_fast(domid); XenStore(b).resume_domain(domid)' "$DOMID" \
+            && state="$state (resumed by remus.xen)" ;;
+esac
 if [ "$n" -gt 0 ] && [ "${remus_by_name_n:-0}" -gt 0 ]; then
     xl_rate=$(python3 -c "print(round($n / $secs, 2))")
     ratio=$(python3 -c "print(round($remus_by_name_rate / $xl_rate, 2))")
