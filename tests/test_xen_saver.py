@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 
 import pytest
 
 from remus.errors import DomainError
+from remus.stream.codec import encode_record
 from remus.stream.records import Checkpoint, DomainHeader, PageData, XenRecord
 from remus.xen.saver import (
     XGS_POLICY_ABORT,
     XGS_POLICY_CONTINUE_PRECOPY,
     XGS_POLICY_STOP_AND_COPY,
     CheckpointSaver,
+    record_chunks,
 )
-from tests.xen_fakes import GUEST_PAGES, FakeLibxc, eventually
+from tests.xen_fakes import GUEST_PAGES, FakeLibxc, eventually, pages
 
 
 def saver(libxc: FakeLibxc, **timeouts: float) -> CheckpointSaver:
@@ -166,3 +170,28 @@ def test_postcopy_answer_outside_postcopy_ends_the_save() -> None:
     finally:
         s.stop()
     assert ("postcopy", 0) in libxc.calls or ("suspend", 0) in libxc.calls
+
+
+def chunks_of(data: bytes, close: bool = True) -> list[bytes]:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(data)
+        if close:
+            a.shutdown(socket.SHUT_WR)
+        return list(record_chunks(b, max_body=1 << 16))
+
+
+def test_the_reader_cuts_the_stream_into_whole_records() -> None:
+    header = DomainHeader(1, 4, 17).encode_body()
+    records = [encode_record(XenRecord(2, b"\x01" * 5)), encode_record(Checkpoint()),
+               encode_record(pages([1, 2, 3]))]
+    assert chunks_of(header + b"".join(records)) == [header, *records, b""]
+
+
+def test_the_reader_passes_truncated_and_oversized_records_on_for_the_decoder() -> None:
+    header = DomainHeader(1, 4, 17).encode_body()
+    record = encode_record(pages([1]))
+    assert chunks_of(header + record[:100]) == [header, record[:100], b""]
+    assert chunks_of(header[:10]) == [header[:10], b""]
+    huge = struct.pack("<II", 1, 1 << 20)
+    assert chunks_of(header + huge + b"x" * 64) == [header, huge, b""]

@@ -153,31 +153,32 @@ def _register_callbacks(b: Binding) -> None:
     def failed(exc_type: Any, exc: BaseException, tb: Any) -> None:
         log.error("a save callback failed: %s: %s", getattr(exc_type, "__name__", exc_type), exc)
 
-    @ffi.def_extern(error=0, onerror=failed)  # type: ignore[misc]
     def remus_save_suspend(data: Any) -> int:
         cb: SaveCallbacks = ffi.from_handle(data)
         return cb.on_suspend()
 
-    @ffi.def_extern(error=-1, onerror=failed)  # type: ignore[misc]
     def remus_save_precopy_policy(stats: Any, data: Any) -> int:
         cb: SaveCallbacks = ffi.from_handle(data)
         return cb.on_precopy_policy(stats.iteration, stats.total_written, stats.dirty_count)
 
-    @ffi.def_extern(error=0, onerror=failed)  # type: ignore[misc]
     def remus_save_postcopy(data: Any) -> int:
         cb: SaveCallbacks = ffi.from_handle(data)
         return cb.on_postcopy()
 
-    @ffi.def_extern(error=0, onerror=failed)  # type: ignore[misc]
     def remus_save_checkpoint(data: Any) -> int:
         cb: SaveCallbacks = ffi.from_handle(data)
         return cb.on_checkpoint()
 
-    @ffi.def_extern(onerror=failed)  # type: ignore[misc]
     def remus_xtl_message(level: int, errnoval: int, context: Any, msg: Any) -> None:
         text = ffi.string(msg).decode("utf-8", "replace")
         where = ffi.string(context).decode("utf-8", "replace")
         xc_log.log(xtl_to_logging(b.lib, level, errnoval, text), "%s: %s", where, text)
+
+    ffi.def_extern(error=0, onerror=failed)(remus_save_suspend)
+    ffi.def_extern(error=-1, onerror=failed)(remus_save_precopy_policy)
+    ffi.def_extern(error=0, onerror=failed)(remus_save_postcopy)
+    ffi.def_extern(error=0, onerror=failed)(remus_save_checkpoint)
+    ffi.def_extern(onerror=failed)(remus_xtl_message)
 
 
 def xtl_to_logging(lib: Any, level: int, errnoval: int, text: str) -> int:

@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from remus.domain import Capture
 from remus.errors import DomainError, RemusError
-from remus.stream.codec import NEED_DATA, EndOfStream, StreamDecoder
-from remus.stream.records import Checkpoint, PageData, Record
+from remus.stream.codec import DEFAULT_MAX_RECORD_BYTES, NEED_DATA, EndOfStream, StreamDecoder, padded_length
+from remus.stream.records import Checkpoint, DomainHeader, PageData, Record
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ SPP_TARGET_DIRTY_COUNT = 50
 #: methods and returns when it ends; it raises ``XenError`` when the save failed.
 SaveFunction = Callable[[int, "CheckpointSaver"], None]
 
-_READ_BYTES = 4 << 20
 _SOCKET_BUFFER_BYTES = 8 << 20
+_RHDR = struct.Struct("<II")
 _SUSPEND = "suspend"
 _POSTCOPY = "postcopy"
 _CHECKPOINT = "checkpoint"
@@ -240,8 +241,7 @@ class CheckpointSaver:
         assert self._ours is not None
         decoder = StreamDecoder(libxc=True)
         try:
-            while True:
-                data = self._ours.recv(_READ_BYTES)
+            for data in record_chunks(self._ours):
                 decoder.receive_data(data)
                 while True:
                     event = decoder.next_event()
@@ -329,3 +329,52 @@ class CheckpointSaver:
         if self._reader_done:
             return "stream ended early"
         return None
+
+
+def record_chunks(sock: socket.socket, max_body: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[bytes]:
+    """libxc's stream on ``sock``, cut where the decoder needs it whole.
+
+    Yields the 40 bytes of image and domain header, then one whole record
+    (header, body and padding) at a time, then ``b""`` at EOF (after whatever
+    partial record was left).  A record is read with as few system calls as
+    the socket allows (``MSG_WAITALL``): in a PV dom0 each one is a trip
+    through the hypervisor, and under emulation reading a live copy of guest
+    memory in socket-buffer-sized pieces cost more than decoding it.  A header
+    claiming more than ``max_body`` bytes is passed on alone, for the decoder
+    to reject.
+    """
+    head = _recv_exact(sock, DomainHeader.SIZE)
+    yield bytes(head)
+    complete = len(head) == DomainHeader.SIZE
+    while complete:
+        head = _recv_exact(sock, _RHDR.size)
+        if len(head) < _RHDR.size:
+            if head:
+                yield bytes(head)
+            break
+        _rtype, length = _RHDR.unpack(head)
+        if length > max_body:
+            yield bytes(head)
+            break
+        record = bytearray(_RHDR.size + padded_length(length))
+        record[: _RHDR.size] = head
+        got = _recv_into(sock, memoryview(record)[_RHDR.size :])
+        complete = got == len(record) - _RHDR.size
+        yield bytes(record) if complete else bytes(record[: _RHDR.size + got])
+    yield b""
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    return buf[: _recv_into(sock, memoryview(buf))]
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    """Fill ``view`` from ``sock``; how many bytes arrived before EOF."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+        if n == 0:
+            break
+        got += n
+    return got

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from remus.errors import DomainError
 from remus.xen.control import DomInfo
+from remus.xen.lib import Binding
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class EvtchnSuspender:
 class BoundSuspendChannel:
     """The guest's suspend event channel, bound exclusively through libxenguest/libxenevtchn."""
 
-    def __init__(self, b: Any, xch: Any, domid: int, remote_port: int) -> None:
+    def __init__(self, b: Binding, xch: Any, domid: int, remote_port: int) -> None:
         self._b = b
         self._xch = xch
         self.domid = domid
