@@ -156,3 +156,146 @@ def test_vifs_without_net_buffering_support_are_warned_about(caplog: pytest.LogC
         assert caplog.text == ""
     finally:
         vif_domain.close()
+
+
+# --------------------------------------------------------------------------- assemble
+
+
+class AssemblyStore:
+    """A fake xenstore holding ``tree`` (enough for ``assemble`` and the xenstore suspender)."""
+
+    def __init__(self, tree: dict[str, str]) -> None:
+        self.tree = tree
+        self.watches: list[tuple[str, str]] = []
+
+    def read(self, path: str) -> Optional[str]:
+        return self.tree.get(path)
+
+    def directory(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix):].split("/")[0] for p in self.tree if p.startswith(prefix)})
+
+    def write(self, path: str, value: str) -> None:
+        self.tree[path] = value
+
+    def watch(self, path: str, token: str) -> None:
+        self.watches.append((path, token))
+
+    def unwatch(self, path: str, token: str) -> None:
+        self.watches.remove((path, token))
+
+    def drain_watches(self) -> int:
+        return 0
+
+    def wait_watch(self, timeout_s: float) -> bool:
+        return False
+
+    def resume_domain(self, domid: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AssemblyControl(FakeGuest):
+    def __init__(self, **state: object) -> None:
+        super().__init__(domid=4)
+        self.state = state
+
+    def info(self, domid: int):  # type: ignore[override]
+        from dataclasses import replace
+
+        base = super().info(domid)
+        return None if self.state.get("gone") else replace(base, **self.state)
+
+    def save_function(self, domid: int) -> FakeLibxc:
+        return FakeLibxc()
+
+
+TREE = {
+    "/local/domain/0/name": "Domain-0",
+    "/local/domain/4/name": "web",
+    "/local/domain/4/device/vif/0/backend": "/local/domain/0/backend/vif/4/0",
+    "/local/domain/0/backend/vif/4/0/vifname": "vif4.0",
+}
+
+
+def no_channel(domid: int, port: int):
+    raise AssertionError("no suspend event channel expected")
+
+
+@pytest.mark.parametrize("spec", ["web", "4"])
+def test_assemble_a_pv_guest(spec: str) -> None:
+    from remus.xen.domain import assemble
+    from remus.xen.suspend import XenstoreSuspender
+
+    store = AssemblyStore(dict(TREE))
+    domain = assemble(spec, store, AssemblyControl(), no_channel)
+    try:
+        assert domain.ref == (4, "web")
+        assert isinstance(domain._suspender, XenstoreSuspender)
+        assert domain.info.details == {"dom_type": "pv", "max_memkb": 256, "vcpus": 1, "domid": 4,
+                                       "suspend": "xenstore"}
+        assert domain._vifs == ["vif4.0"]
+        assert store.watches == [("@releaseDomain", "remus-suspend")]
+    finally:
+        domain.close()
+    assert store.watches == []
+
+
+def test_assemble_prefers_the_suspend_event_channel() -> None:
+    from remus.xen.domain import assemble
+
+    bound: list[tuple[int, int]] = []
+
+    class Channel:
+        def notify(self) -> None: ...
+
+        def wait(self, timeout_s: float) -> bool:
+            return True
+
+        def close(self) -> None:
+            bound.append((-1, -1))
+
+    def bind(domid: int, port: int) -> Channel:
+        bound.append((domid, port))
+        return Channel()
+
+    tree = dict(TREE, **{"/local/domain/4/device/suspend/event-channel": "17"})
+    domain = assemble("web", AssemblyStore(tree), AssemblyControl(), bind)
+    assert domain.info.details["suspend"] == "event channel"
+    domain.close()
+    assert bound == [(4, 17), (-1, -1)]
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"hvm": True}, "HVM guest"),
+    ({"shutdown": True, "shutdown_reason": 0}, "not running: shut down \\(poweroff\\)"),
+    ({"dying": True}, "not running: dying"),
+    ({"gone": True}, "not running: gone"),
+])
+def test_assemble_refuses_what_it_cannot_protect(state: dict, message: str) -> None:
+    from remus.xen.domain import assemble
+
+    with pytest.raises(DomainError, match=message):
+        assemble("web", AssemblyStore(dict(TREE)), AssemblyControl(**state), no_channel)
+
+
+def test_unprotected_disks_are_named_in_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from remus.xen.domain import assemble
+
+    tree = dict(TREE, **{
+        "/local/domain/4/device/vbd/51712/backend": "/local/domain/0/backend/vbd/4/51712",
+        "/local/domain/0/backend/vbd/4/51712/dev": "xvda",
+        "/local/domain/4/device/vbd/51728/backend": "/local/domain/0/backend/vbd/4/51728",
+        "/local/domain/0/backend/vbd/4/51728/dev": "xvdb",
+    })
+    assemble("web", AssemblyStore(tree), AssemblyControl(), no_channel).close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["domain web has disks that remus does not replicate: xvda, xvdb (not protected)"]
+
+
+def test_assemble_unknown_domain() -> None:
+    from remus.errors import DomainNotFound
+    from remus.xen.domain import assemble
+
+    with pytest.raises(DomainNotFound, match="'nosuch' does not exist"):
+        assemble("nosuch", AssemblyStore(dict(TREE)), AssemblyControl(), no_channel)

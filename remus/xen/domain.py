@@ -26,15 +26,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
 from remus.errors import DomainError, RemusError
 from remus.xen import store as xs
 from remus.xen.control import DomInfo
-from remus.xen.saver import CheckpointSaver
-from remus.xen.suspend import Suspender
+from remus.xen.saver import CheckpointSaver, SaveFunction
+from remus.xen.suspend import EventChannel, EvtchnSuspender, StoreForSuspend, Suspender, XenstoreSuspender
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ LATE_SUSPEND_S = 5.0
 
 
 class Control(Protocol):
+    """What ``XenDomain`` needs of libxenctrl (``remus.xen.control.XenControl``)."""
+
     def info(self, domid: int) -> Optional[DomInfo]: ...
 
     def resume_fast(self, domid: int) -> None: ...
@@ -55,9 +57,19 @@ class Control(Protocol):
 
 
 class Store(Protocol):
+    """What ``XenDomain`` needs of xenstore (``remus.xen.store.XenStore``)."""
+
     def resume_domain(self, domid: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class FullControl(Control, Protocol):
+    def save_function(self, domid: int) -> SaveFunction: ...
+
+
+class FullStore(Store, xs.StoreReader, StoreForSuspend, Protocol):
+    """What ``assemble`` needs of xenstore: reads, the suspend request, the watch."""
 
 
 class XenDomain:
@@ -171,3 +183,44 @@ class XenDomain:
             if self._ensure_running("after a late suspend"):
                 return
             time.sleep(0.05)
+
+
+def assemble(spec: str, store: FullStore, control: FullControl,
+             bind_channel: Callable[[int, int], EventChannel]) -> XenDomain:
+    """The ``XenDomain`` for the command line's domain argument, on open handles.
+
+    ``bind_channel(domid, port)`` binds a guest's suspend event channel.  The
+    handles stay the caller's until this returns; then they are the domain's.
+
+    Raises:
+        DomainNotFound: no domain has that name or id.
+        DomainError: it cannot be protected (dom0, an HVM guest, not running).
+        XenError: a Xen call failed.
+    """
+    ref = xs.resolve_domain(store, spec)
+    state = control.info(ref.domid)
+    if state is None or state.dying or state.shutdown:
+        raise DomainError(f"domain {ref.name} ({ref.domid}) is not running: "
+                          f"{'gone' if state is None else state.state}")
+    if state.hvm:
+        raise DomainError(f"domain {ref.name} is an HVM guest: remus protects PV guests only")
+    disks = xs.disks(store, ref.domid)
+    if disks:
+        log.warning("domain %s has disks that remus does not replicate: %s (not protected)",
+                    ref.name, ", ".join(disks))
+    vifs = xs.vifs(store, ref.domid)
+    port = xs.suspend_event_channel(store, ref.domid)
+    suspender: Suspender
+    if port is not None:
+        suspender = EvtchnSuspender(bind_channel(ref.domid, port), control.info, ref.domid, ref.name)
+    else:
+        suspender = XenstoreSuspender(store, control.info, ref.domid, ref.name)
+    # The first checkpoint includes libxc's live copy of all the guest's memory.
+    precopy_timeout_s = max(300.0, 120.0 * state.max_memkb / (1 << 20))
+    saver = CheckpointSaver(control.save_function(ref.domid), f"domain {ref.name}",
+                            precopy_timeout_s=precopy_timeout_s)
+    return XenDomain(
+        ref, control, store, suspender, saver,
+        details={"dom_type": "pv", "max_memkb": state.max_memkb, "vcpus": state.vcpus},
+        vifs=vifs,
+    )

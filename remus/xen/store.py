@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import select
-from typing import NamedTuple, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 from remus.errors import DomainError, DomainNotFound, XenError
 from remus.xen.lib import Binding
@@ -145,23 +145,23 @@ def _by_name(store: StoreReader, name: str, spec: str) -> DomainRef:
 
 def disks(store: StoreReader, domid: int) -> list[str]:
     """The guest's virtual disks, by the name its backend gives them (``xvda``), else their id."""
-    names = []
-    base = f"/local/domain/{domid}/device/vbd"
-    for devid in store.directory(base):
-        backend = store.read(f"{base}/{devid}/backend")
-        dev = store.read(f"{backend}/dev") if backend else None
-        names.append(dev or f"vbd {devid}")
-    return names
+    return _devices(store, domid, "vbd", "dev", lambda devid: f"vbd {devid}")
 
 
 def vifs(store: StoreReader, domid: int) -> list[str]:
     """The guest's network interfaces, by their dom0 backend name (``vif<domid>.<devid>``)."""
+    return _devices(store, domid, "vif", "vifname", lambda devid: f"vif{domid}.{devid}")
+
+
+def _devices(store: StoreReader, domid: int, kind: str, name_key: str,
+             fallback: Callable[[str], str]) -> list[str]:
+    """Each ``device/<kind>`` of the guest, named by its backend's ``name_key`` node."""
     names = []
-    base = f"/local/domain/{domid}/device/vif"
+    base = f"/local/domain/{domid}/device/{kind}"
     for devid in store.directory(base):
         backend = store.read(f"{base}/{devid}/backend")
-        vifname = store.read(f"{backend}/vifname") if backend else None
-        names.append(vifname or f"vif{domid}.{devid}")
+        name = store.read(f"{backend}/{name_key}") if backend else None
+        names.append(name or fallback(devid))
     return names
 
 
