@@ -16,8 +16,10 @@ and the checkpointed libxc save (``saver``).  Per checkpoint the engine calls::
 suspend that landed after its deadline), leaves the guest running: it asks the
 hypervisor, not its own bookkeeping, whether the guest is suspended.
 
-Disks are not replicated by this project: a domain with disks gets one warning
-naming them.  Network buffering of a Xen domain's vifs is not part of this
+``assemble`` builds one from open handles: it resolves the domain argument,
+refuses what cannot be protected (dom0, HVM guests, a guest that is not
+running) and picks the suspender.  Disks are not replicated by this project:
+a domain with disks gets one warning naming them.  Network buffering of a Xen domain's vifs is not part of this
 module (``devices`` returns no device and warns when it would be needed).
 """
 
@@ -65,6 +67,8 @@ class Store(Protocol):
 
 
 class FullControl(Control, Protocol):
+    """What ``assemble`` needs of libxenctrl: the above, and the save."""
+
     def save_function(self, domid: int) -> SaveFunction: ...
 
 
