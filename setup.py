@@ -3,9 +3,9 @@
 The Xen binding (``remus.xen._xenlib``, a cffi API-mode module) is built only
 where the Xen headers (libxen-dev) and Python's own headers are installed;
 elsewhere this is a pure-Python package and using a Xen domain says what is
-missing.  ``setup_requires`` puts
-cffi into pip's isolated build environment when the binding is built.
-``REMUS_NO_XEN=1`` skips the binding even where the headers are.
+missing.  ``setup_requires`` puts cffi into pip's isolated build environment
+when the binding is built.  ``REMUS_NO_XEN=1`` skips the binding even where
+the headers are.
 """
 
 import os
