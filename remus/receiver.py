@@ -242,8 +242,11 @@ class Receiver:
             if self.stop.is_set():
                 return SessionResult(Ending.STOPPED, "receiver stopped", session, last_commit)
             try:
-                readable, _, _ = select.select([conn], [], [], _POLL_S)
-                data = conn.recv(_RECV_BYTES) if readable else None
+                watched = [conn] if self._listener is None else [conn, self._listener]
+                readable, _, _ = select.select(watched, [], [], _POLL_S)
+                if self._listener in readable:
+                    self._refuse_busy(name, host)
+                data = conn.recv(_RECV_BYTES) if conn in readable else None
             except OSError as exc:
                 return lost(f"connection failed: {exc.strerror or exc}")
             now = time.monotonic()
@@ -287,6 +290,18 @@ class Receiver:
                     return lost(f"connection closed by {host} (EOF{cut})")
             if self.on_progress is not None:
                 self.on_progress(session)
+
+    def _refuse_busy(self, name: str, host: str) -> None:
+        """Turn away a second primary while a session is running."""
+        assert self._listener is not None
+        other, addr = self._listener.accept()
+        reason = f"this receiver is busy protecting {name} from {host}"
+        self.say(f"refused a session from {peer_host(addr)}: {reason}")
+        with other:
+            try:
+                other.sendall(StreamHeader().encode() + encode_record(Close(CloseReason.REFUSED, reason)))
+            except OSError:
+                pass
 
     # -- failover ------------------------------------------------------------------------------
     def _fail_over(self, result: SessionResult) -> int:

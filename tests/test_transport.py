@@ -224,3 +224,15 @@ def test_a_port_probe_is_not_a_session() -> None:
     assert backup.thread.is_alive()  # --once still waits for a real session
     assert any("ended before opening a session" in line for line in backup.lines)
     backup.finish()
+
+
+def test_a_second_primary_is_refused_while_a_session_runs() -> None:
+    backup = ReceiverThread()
+    first = socket.create_connection(("127.0.0.1", backup.port))
+    first.sendall(bytes(make_primary(1).stream))
+    backup.wait_event("commit")
+    with pytest.raises(TransportError, match="busy protecting sim:t from 127.0.0.1"):
+        TcpChannel("127.0.0.1", backup.port).open(make_primary(0).opening)
+    first.close()
+    backup.wait_event("activated")
+    backup.finish()
