@@ -185,7 +185,7 @@ type = "pv"
 kernel = "/var/lib/remus-lab/domu-vmlinuz"
 ramdisk = "/var/lib/remus-lab/domu-initrd.gz"
 extra = "console=hvc0 quiet"
-memory = 64
+memory = 128
 vcpus = 1
 on_crash = "preserve"
 EOF
