@@ -220,7 +220,7 @@ def assemble(spec: str, store: FullStore, control: FullControl,
     else:
         suspender = XenstoreSuspender(store, control.info, ref.domid, ref.name)
     # The first checkpoint includes libxc's live copy of all the guest's memory.
-    precopy_timeout_s = max(300.0, 120.0 * state.max_memkb / (1 << 20))
+    precopy_timeout_s = max(600.0, 120.0 * state.max_memkb / (1 << 20))
     saver = CheckpointSaver(control.save_function(ref.domid), f"domain {ref.name}",
                             precopy_timeout_s=precopy_timeout_s)
     return XenDomain(

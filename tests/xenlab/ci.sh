@@ -11,7 +11,7 @@
 # reason and the exit status is 0 - never a pass that did not happen.
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
-TIMEOUT_S=1500
+TIMEOUT_S=2700
 [ "${1:-}" = -t ] && TIMEOUT_S=$2
 t0=$(date +%s)
 

@@ -13,7 +13,7 @@
 #                         of both and their ratio (a measurement, not a timed assertion)
 . "$REMUS_LAB_SRC/tests/xenlab/dom0-lib.sh"
 RUN_S=${REMUS_LAB_RUN_S:-30}
-FIRST_TIMEOUT=${REMUS_LAB_FIRST_TIMEOUT:-300}
+FIRST_TIMEOUT=${REMUS_LAB_FIRST_TIMEOUT:-600}
 OUTD=$REMUS_LAB_OUT
 
 section "build remus and its Xen binding in dom0"
