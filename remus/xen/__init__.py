@@ -1,14 +1,44 @@
-"""Real Xen domains (placeholder until the Xen binding lands)."""
+"""Real Xen domains: ``open_xen_domain`` turns a domain name or id into a ``XenDomain``.
+
+Importing this package loads nothing from Xen; ``open_xen_domain`` loads the
+cffi binding (``remus.xen.lib``) and raises ``XenUnavailable`` when Xen cannot
+be used here.  Modules: ``lib`` (binding, checks, callbacks), ``store``
+(xenstore, domain lookup), ``control`` (libxenctrl/libxenguest), ``suspend``,
+``saver`` (libxc's save loop meeting the engine's), ``domain`` (``XenDomain``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
-from remus.errors import XenUnavailable
-
 if TYPE_CHECKING:
-    from remus.domain import Domain
+    from remus.xen.domain import XenDomain
 
 
-def open_xen_domain(spec: str) -> "Domain":
-    raise XenUnavailable(f"cannot open Xen domain {spec!r}: Xen support is not built yet")
+def open_xen_domain(spec: str) -> "XenDomain":
+    """The running Xen PV domain named ``spec`` (a name as in ``xl list``, or a numeric id).
+
+    Raises:
+        XenUnavailable: Xen cannot be used from this process (the message says why).
+        DomainNotFound: no domain has that name or id.
+        DomainError: the domain cannot be protected (dom0, HVM, not running).
+        XenError: a Xen call failed.
+    """
+    from remus.xen import lib
+    from remus.xen.control import XenControl
+    from remus.xen.domain import assemble
+    from remus.xen.store import XenStore
+    from remus.xen.suspend import BoundSuspendChannel
+
+    b = lib.load(purpose=f"open Xen domain {spec!r}")
+    with contextlib.ExitStack() as stack:
+        xenstore = XenStore(b)
+        stack.callback(xenstore.close)
+        control = XenControl(b)
+        stack.callback(control.close)
+        domain = assemble(spec, xenstore, control,
+                          lambda domid, port: BoundSuspendChannel(b, control.handle, domid, port))
+        stack.pop_all()
+        return domain
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow

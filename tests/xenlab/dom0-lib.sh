@@ -1,0 +1,92 @@
+# Helpers for lab jobs, sourced inside dom0:  . "$REMUS_LAB_SRC/tests/xenlab/dom0-lib.sh"
+#
+#   result NAME PASS|FAIL|SKIP DETAIL...   print a RESULT line (and count failures in $FAILS)
+#   check NAME RC DETAIL...                PASS if RC is 0, else FAIL
+#   lab_install_remus                      build the project (and its cffi Xen binding) once
+#                                          per boot in /tmp/remus and cd there; see `remus`
+#   lab_domu_up                            the lab's PV guest "domu" running, counter ticking
+#   domu_counter / domu_state              its last console counter; its `xl list` state
+#   guest_runs                             domu runs (r or b, never s or p) over a few looks
+#   section TITLE                          a header in the job log
+# Every helper is idempotent, so jobs run alone (run-job.sh) or together (jobs/suite.sh).
+
+FAILS=${FAILS:-0}
+REMUS_LAB_SRC=${REMUS_LAB_SRC:-/mnt/remus}
+REMUS_LAB_OUT=${REMUS_LAB_OUT:-/tmp}
+LAB_BUILD=/tmp/remus
+DOMU_CFG=/var/lib/remus-lab/domu.cfg
+DOMU_CONSOLE=/var/log/xen/console/guest-domu.log
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+section() { echo; echo "=== $* (dom0 uptime $(uptime_s) s)"; }
+
+result() {
+    _name=$1 _status=$2; shift 2
+    echo "RESULT $_name $_status $*"
+    [ "$_status" = FAIL ] && FAILS=$((FAILS + 1))
+    return 0
+}
+
+check() {
+    _name=$1 _rc=$2; shift 2
+    if [ "$_rc" = 0 ]; then result "$_name" PASS "$@"; else result "$_name" FAIL "$@"; fi
+}
+
+lab_install_remus() {
+    # The checkout is read-only; copy it, build the binding against dom0's libxen-dev and
+    # Python (the compiled module must match dom0's Xen release), run it from there.
+    if [ ! -f $LAB_BUILD/.built ]; then
+        rm -rf $LAB_BUILD; mkdir -p $LAB_BUILD
+        tar -C "$REMUS_LAB_SRC" --exclude=.git --exclude='.venv*' --exclude=build \
+            --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.so' --exclude='*.o' \
+            --exclude=.pytest_cache --exclude=.mypy_cache -cf - . | tar -C $LAB_BUILD -xf - || return 1
+        # -O0: the binding is thin call wrappers, and gcc at -O2 under TCG takes twice as long.
+        (cd $LAB_BUILD && CFLAGS=-O0 python3 setup.py -q build_ext --inplace) \
+            > "$REMUS_LAB_OUT/remus-build.log" 2>&1 \
+            || { tail -20 "$REMUS_LAB_OUT/remus-build.log"; return 1; }
+        touch $LAB_BUILD/.built
+    fi
+    export PYTHONPATH=$LAB_BUILD
+    # Not the read-only checkout: `python3 -c`/`-m` would import remus from the cwd first,
+    # and the checkout has no binding built for dom0.
+    cd $LAB_BUILD
+    return 0
+}
+
+remus() { python3 $LAB_BUILD/bin/remus "$@"; }
+
+domu_counter() {
+    sed -n 's/.*domU counter \([0-9]*\).*/\1/p' $DOMU_CONSOLE 2>/dev/null | tail -1
+}
+
+domu_state() {  # the state column of `xl list domu` (r-----, -b----, ---ss-, ...)
+    xl list domu 2>/dev/null | awk 'NR == 2 {print $5}'
+}
+
+lab_domu_up() {
+    if ! xl domid domu > /dev/null 2>&1; then
+        xl create -q $DOMU_CFG || return 1
+    fi
+    _i=0
+    while [ $_i -lt 120 ]; do
+        [ -n "$(domu_counter)" ] && return 0
+        sleep 1; _i=$((_i + 1))
+    done
+    return 1
+}
+
+guest_runs() {
+    # True if domu is running: over five looks half a second apart, `xl list` shows it running
+    # (r) or blocked (b) at least once, and never suspended (s), paused (p), shut down or dying.
+    # ("------", runnable but waiting for a CPU, is common on a loaded TCG host.)
+    _seen_rb=1 _i=0
+    while [ $_i -lt 5 ]; do
+        case $(domu_state) in
+            r-----|-b----) _seen_rb=0 ;;
+            ------) ;;
+            *) return 1 ;;
+        esac
+        sleep 0.5; _i=$((_i + 1))
+    done
+    return $_seen_rb
+}
