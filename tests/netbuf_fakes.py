@@ -58,7 +58,8 @@ class FakeKernel:
         self.plugs: Dict[int, PlugQueue] = {}  # IFB ifindex -> its plug
         self.limits: Dict[int, int] = {}
         self.redirects: Dict[int, int] = {}  # vif ifindex -> IFB ifindex
-        self.fail: Dict[str, KernelError] = {}  # request name (or "NAME:kind") -> error to answer once
+        self.fail: Dict[str, KernelError] = {}  # request name -> error to answer once
+        self.ifb_backlog: List[int] = []  # frames an IFB still holds, one entry per RTM_GETLINK of it
         self.closed = False
         self._inbox: Deque[bytes] = deque()
 
@@ -136,7 +137,9 @@ class FakeKernel:
                 raise KernelError(errno.ENODEV)
             idx, kind = self.links[ifname]
             info = netlink.nested(tc.IFLA_LINKINFO, netlink.rtattr_str(tc.IFLA_INFO_KIND, kind)) if kind else b""
-            return [(tc.RTM_NEWLINK, tc.ifinfomsg(idx, 0x1) + netlink.rtattr_str(tc.IFLA_IFNAME, ifname) + info)]
+            backlog = self.ifb_backlog.pop(0) if kind == "ifb" and self.ifb_backlog else 0
+            stats = netlink.rtattr(tc.IFLA_STATS64, struct.pack("=24Q", 10 + backlog, 10, *[0] * 22))
+            return [(tc.RTM_NEWLINK, tc.ifinfomsg(idx, 0x1) + netlink.rtattr_str(tc.IFLA_IFNAME, ifname) + info + stats)]
         if name == "RTM_NEWLINK":
             assert flags & NLM_F_CREATE and ifname is not None and ifi_flags & tc.IFF_UP
             kind = netlink.asciiz(attr_map(attrs[tc.IFLA_LINKINFO])[tc.IFLA_INFO_KIND])

@@ -18,7 +18,7 @@ from remus.netbuf.plug import MAX_LIMIT_BYTES, MIN_LIMIT_BYTES, PlugBuffer
 
 LIMIT = 50_000_000
 INSTALL = ["RTM_GETLINK", "RTM_NEWLINK", "RTM_GETLINK", "RTM_NEWQDISC", "RTM_NEWQDISC", "RTM_NEWTFILTER"]
-TEARDOWN = ["RTM_GETLINK", "RTM_NEWQDISC", "RTM_DELTFILTER", "RTM_DELQDISC", "RTM_GETQDISC",
+TEARDOWN = ["RTM_GETLINK", "RTM_NEWQDISC", "RTM_DELTFILTER", "RTM_DELQDISC", "RTM_GETQDISC", "RTM_GETLINK",
             "RTM_DELQDISC", "RTM_DELLINK"]
 
 
@@ -84,6 +84,18 @@ def test_release_lets_everything_go_then_removes_all_and_is_idempotent(tmp_path:
     dev.release()
     kernel.inject("vif1.0", [3])          # the vif is back to normal: straight through
     assert kernel.delivered == [1, 2, 3]
+
+
+def test_release_waits_until_the_ifb_has_handed_every_frame_back(tmp_path: Path) -> None:
+    kernel = FakeKernel()
+    dev = make(kernel, tmp_path)
+    dev.install()
+    kernel.inject("vif1.0", [1, 2, 3])
+    kernel.ifb_backlog = [0, 2, 1, 0]        # frames inside the IFB at each look (teardown's lookup first)
+    kernel.requests.clear()
+    dev.release()
+    assert kernel.requests.count("RTM_GETLINK") == 1 + 3
+    assert kernel.ifb_backlog == [] and kernel.leftovers() == set()
 
 
 def test_release_without_install_does_nothing(tmp_path: Path) -> None:

@@ -296,7 +296,23 @@ def test_parse_link_answer() -> None:
         04000200                     #   IFLA_INFO_DATA, empty
         """
     )
-    assert tc.parse_link(answer) == tc.Link(7, "remus5", "ifb", 0x10043)
+    assert tc.parse_link(answer) == tc.Link(7, "remus5", "ifb", 0x10043, None)
+
+
+def test_parse_link_stats() -> None:
+    answer = golden(
+        """
+        00 00 0100 07000000 43000100 00000000   # ifinfomsg: ifindex 7
+        c4001700     # IFLA_STATS64 (23), len 4+192: struct rtnl_link_stats64, 24 __u64
+        0500000000000000 0300000000000000   # rx_packets 5, tx_packets 3
+        """
+        + "0000000000000000 " * 4
+        + """
+        0100000000000000 0200000000000000   # rx_dropped 1, tx_dropped 2
+        """
+        + "0000000000000000 " * 16
+    )
+    assert tc.parse_link(answer).stats == tc.LinkStats(5, 3, 1, 2)
 
 
 def test_parse_qdisc_answer() -> None:

@@ -49,11 +49,9 @@ DEFAULT_RATE_BYTES_PER_S = 125_000_000
 MIN_LIMIT_BYTES = 10_000_000
 #: The kernel's limit is a __u32.
 MAX_LIMIT_BYTES = 0xFFFFFFFF
-#: How long teardown waits for released packets to leave the plug before deleting it.
-DRAIN_TIMEOUT_S = 1.0
+#: How long teardown waits for released packets to leave the plug and the IFB before deleting them.
+DRAIN_TIMEOUT_S = 2.0
 _DRAIN_POLL_S = 0.005
-#: After the plug is empty, a moment for the IFB's own queue (a tasklet) to run dry.
-_IFB_SETTLE_S = 0.02
 
 #: Errors that mean "already gone" when deleting something.
 _GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.EINVAL})
@@ -196,7 +194,7 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
     if plugged:
         assert ifb is not None
         index = ifb.index
-        attempt("draining the plug", lambda: _wait_drained(rtnl, index, drain_timeout_s))
+        attempt("draining the plug", lambda: _wait_drained(rtnl, index, record.ifb, drain_timeout_s))
         attempt("deleting the plug", lambda: rtnl.request(tc.del_plug(index)))
     if ifb is not None:
         index = ifb.index
@@ -205,18 +203,26 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
         raise NetbufError(f"cleaning up network buffering on {record.vif}: " + "; ".join(problems))
 
 
-def _wait_drained(rtnl: RtnlSocket, ifb_index: int, timeout_s: float) -> None:
-    """Poll the plug's queue length until it is empty (or ``timeout_s`` passes)."""
+def _wait_drained(rtnl: RtnlSocket, ifb_index: int, ifb: str, timeout_s: float) -> None:
+    """Wait until no frame is left in the plug or in the IFB behind it (or ``timeout_s`` passes).
+
+    With the redirect gone nothing new arrives.  The plug is empty when its
+    qlen is 0; the IFB has handed every frame back when each one it took
+    (rx_packets) was passed on (tx_packets) or dropped on arrival
+    (rx_dropped).  Deleting either earlier would drop what they still hold.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         answers = rtnl.request(tc.get_root_qdisc(ifb_index))
         qlen = tc.parse_qdisc(answers[0][1]).qlen if answers else None
-        if not qlen:
-            if qlen == 0:
-                time.sleep(_IFB_SETTLE_S)
+        link = lookup_link(rtnl, ifb)
+        stats = link.stats if link is not None else None
+        in_ifb = stats.rx_packets - stats.tx_packets - stats.rx_dropped if stats is not None else 0
+        if not qlen and in_ifb <= 0:
             return
         if time.monotonic() >= deadline:
-            log.warning("plug on ifindex %d still held %d packets after %.1f s; deleting it", ifb_index, qlen, timeout_s)
+            log.warning("%s still held %d frames in its plug and %d in itself after %.1f s; deleting it",
+                        ifb, qlen or 0, in_ifb, timeout_s)
             return
         time.sleep(_DRAIN_POLL_S)
 

@@ -66,7 +66,11 @@ TCMSG = struct.Struct("=BxxxiIII")
 # include/uapi/linux/if_link.h
 IFLA_IFNAME = 3
 IFLA_LINKINFO = 18
+IFLA_STATS64 = 23
 IFLA_INFO_KIND = 1
+#: struct rtnl_link_stats64 { __u64 rx_packets; __u64 tx_packets; __u64 rx_bytes; __u64 tx_bytes;
+#:     __u64 rx_errors; __u64 tx_errors; __u64 rx_dropped; __u64 tx_dropped; ... }  (the first 8 of 24+)
+RTNL_LINK_STATS64_HEAD = struct.Struct("=8Q")
 # include/uapi/linux/if.h
 IFF_UP = 0x1
 IFNAMSIZ = 16
@@ -274,13 +278,23 @@ def del_redirect(vif_index: int) -> Request:
 # ------------------------------------------------------------------------------ parsing
 
 
+class LinkStats(NamedTuple):
+    """The packet counters of IFLA_STATS64 that tell whether an IFB still holds frames."""
+
+    rx_packets: int
+    tx_packets: int
+    rx_dropped: int
+    tx_dropped: int
+
+
 class Link(NamedTuple):
-    """What an RTM_NEWLINK answer says about an interface."""
+    """What an RTM_NEWLINK answer says about an interface (``stats`` None without IFLA_STATS64)."""
 
     index: int
     name: str
     kind: Optional[str]
     flags: int
+    stats: Optional[LinkStats] = None
 
 
 class Qdisc(NamedTuple):
@@ -294,7 +308,7 @@ class Qdisc(NamedTuple):
 
 
 def parse_link(payload: bytes) -> Link:
-    """Read ``struct ifinfomsg`` and its IFLA_IFNAME / IFLA_LINKINFO attributes."""
+    """Read ``struct ifinfomsg`` and its IFLA_IFNAME / IFLA_LINKINFO / IFLA_STATS64 attributes."""
     _family, _type, index, flags, _change = IFINFOMSG.unpack_from(payload)
     attrs = attr_map(payload[IFINFOMSG.size :])
     kind = None
@@ -302,7 +316,11 @@ def parse_link(payload: bytes) -> Link:
         info = attr_map(attrs[IFLA_LINKINFO])
         if IFLA_INFO_KIND in info:
             kind = asciiz(info[IFLA_INFO_KIND])
-    return Link(index, asciiz(attrs.get(IFLA_IFNAME, b"")), kind, flags)
+    stats = None
+    if len(attrs.get(IFLA_STATS64, b"")) >= RTNL_LINK_STATS64_HEAD.size:
+        counters = RTNL_LINK_STATS64_HEAD.unpack_from(attrs[IFLA_STATS64])
+        stats = LinkStats(counters[0], counters[1], counters[6], counters[7])
+    return Link(index, asciiz(attrs.get(IFLA_IFNAME, b"")), kind, flags, stats)
 
 
 def parse_qdisc(payload: bytes) -> Qdisc:
