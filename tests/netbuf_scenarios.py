@@ -56,7 +56,7 @@ def plug_qlen(ifb: str) -> int:
     with RtnlSocket() as rtnl:
         link = lookup_link(rtnl, ifb)
         assert link is not None
-        answers = rtnl.request(tc.get_root_qdisc(link.index))
+        answers = rtnl.request(tc.get_root_qdisc(link.ifindex))
     qlen = tc.parse_qdisc(answers[0][1]).qlen
     return qlen or 0
 
@@ -130,15 +130,15 @@ def redirect(state_dir: str) -> Result:
         ifb = lookup_link(rtnl, "remus-t")
         vb = lookup_link(rtnl, "vb")
         assert ifb is not None and vb is not None
-        rtnl.request(tc.new_ingress(vb.index))
-        rtnl.request(tc.new_redirect(vb.index, ifb.index))
+        rtnl.request(tc.new_ingress(vb.ifindex))
+        rtnl.request(tc.new_redirect(vb.ifindex, ifb.ifindex))
         tap = Tap("remus-t")
         sender = Sender("va")
         sent = send(sender, range(1, 1 + 2 * len(KINDS)))
         got = {seq_of(s.data) for s in tap.wait_for(sent, WAIT_S)}
-        rtnl.request(tc.del_redirect(vb.index))
-        rtnl.request(tc.del_ingress(vb.index))
-        rtnl.request(tc.del_link(ifb.index))
+        rtnl.request(tc.del_redirect(vb.ifindex))
+        rtnl.request(tc.del_ingress(vb.ifindex))
+        rtnl.request(tc.del_link(ifb.ifindex))
     return {"sent": sorted(sent), "seen": sorted(s for s in got if s is not None)}
 
 

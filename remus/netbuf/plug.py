@@ -185,7 +185,7 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
     plugged = ifb is not None and "plug" in record.done
     if plugged:
         assert ifb is not None
-        index = ifb.index
+        index = ifb.ifindex
         attempt("releasing the plug", lambda: rtnl.request(tc.plug(index, PlugAction.RELEASE_INDEFINITE)))
     if "redirect" in record.done:
         attempt("removing the redirect", lambda: rtnl.request(tc.del_redirect(record.vif_index)))
@@ -193,11 +193,11 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
         attempt("removing the ingress qdisc", lambda: rtnl.request(tc.del_ingress(record.vif_index)))
     if plugged:
         assert ifb is not None
-        index = ifb.index
+        index = ifb.ifindex
         attempt("draining the plug", lambda: _wait_drained(rtnl, index, record.ifb, drain_timeout_s))
         attempt("deleting the plug", lambda: rtnl.request(tc.del_plug(index)))
     if ifb is not None:
-        index = ifb.index
+        index = ifb.ifindex
         attempt(f"deleting {record.ifb}", lambda: rtnl.request(tc.del_link(index)))
     if problems:
         raise NetbufError(f"cleaning up network buffering on {record.vif}: " + "; ".join(problems))
@@ -318,17 +318,17 @@ class PlugBuffer:
         link = self._kernel("lookup", lambda: lookup_link(rtnl, vif))
         if link is None:
             raise translate("lookup", OSError(errno.ENODEV, "no such device"), vif)
-        record = Ownership.mine(vif, link.index, ifb_name(link.index))
+        record = Ownership.mine(vif, link.ifindex, ifb_name(link.ifindex))
         self._claim(rtnl, record)
         self._record = record
         self._step("ifb", lambda: rtnl.request(tc.new_ifb(record.ifb)))
         ifb = self._kernel("ifb", lambda: lookup_link(rtnl, record.ifb))
         if ifb is None:
             raise translate("ifb", OSError(errno.ENODEV, "vanished"), vif, record.ifb)
-        self._ifb_index = ifb.index
-        self._step("plug", lambda: rtnl.request(tc.new_plug(ifb.index, self.limit_bytes)))
-        self._step("ingress", lambda: rtnl.request(tc.new_ingress(link.index)))
-        self._step("redirect", lambda: rtnl.request(tc.new_redirect(link.index, ifb.index)))
+        self._ifb_index = ifb.ifindex
+        self._step("plug", lambda: rtnl.request(tc.new_plug(ifb.ifindex, self.limit_bytes)))
+        self._step("ingress", lambda: rtnl.request(tc.new_ingress(link.ifindex)))
+        self._step("redirect", lambda: rtnl.request(tc.new_redirect(link.ifindex, ifb.ifindex)))
         log.info("%s: output buffered through %s (plug limit %d bytes)", vif, record.ifb, self.limit_bytes)
 
     def _kernel(self, step: str, fn: Callable[[], T]) -> T:

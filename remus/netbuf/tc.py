@@ -290,7 +290,7 @@ class LinkStats(NamedTuple):
 class Link(NamedTuple):
     """What an RTM_NEWLINK answer says about an interface (``stats`` None without IFLA_STATS64)."""
 
-    index: int
+    ifindex: int
     name: str
     kind: Optional[str]
     flags: int
