@@ -27,13 +27,20 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from docopt import docopt
 
 from remus import __version__
 from remus.errors import UsageError
+from remus.settings import (
+    DEFAULT_ACK_TIMEOUT_MS,
+    DEFAULT_DESTINATION,
+    DEFAULT_INTERVAL_MS,
+    DEFAULT_PORT,
+    Settings,
+)
 
 HELP = __doc__ or ""
 OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
@@ -43,27 +50,7 @@ OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
 #: number of positional arguments (the first two are used).
 GRAMMAR = "Usage:\n  remus [options]... [<args>...]\n" + HELP[HELP.index("\n\nOptions:") :]
 
-DEFAULT_INTERVAL_MS = 200
-DEFAULT_PORT = 8002  # xend-relocation-port
-DEFAULT_DESTINATION = "localhost"
-DEFAULT_ACK_TIMEOUT_MS = 5000
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The effective settings of one ``remus`` run."""
-
-    domain: str
-    destination: str = DEFAULT_DESTINATION
-    interval_ms: int = DEFAULT_INTERVAL_MS
-    port: int = DEFAULT_PORT
-    blackhole: bool = False
-    net_buffering: bool = True
-    compression: bool = True
-    timer: bool = False
-    stats_json: Optional[str] = None
-    ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+__all__ = ["HELP", "MissingDomain", "Settings", "ShowText", "main", "parse"]
 
 
 class ShowText(Exception):
@@ -180,19 +167,19 @@ def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
                 raise UsageError(f"{opt.long} option does not take a value")
         elif arg.startswith("-") and arg != "-":
             for j, ch in enumerate(arg[1:], start=1):
-                opt = _SHORT.get("-" + ch)
-                if opt is None:
+                short = _SHORT.get("-" + ch)
+                if short is None:
                     raise UsageError(f"no such option: -{ch}")
-                if opt.short == "-h":
+                if short.short == "-h":
                     return ("help", i)
-                if opt.takes_value:
+                if short.takes_value:
                     value = arg[j + 1 :]
                     if not value:
                         if i + 1 >= len(argv):
                             raise UsageError(f"-{ch} option requires 1 argument")
                         i += 1
                         value = argv[i]
-                    _check_value(opt, f"-{ch}", value)
+                    _check_value(short, f"-{ch}", value)
                     break
         i += 1
     return None
@@ -237,6 +224,25 @@ def _last(parsed: Mapping[str, object], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
+def _int_option(parsed: Mapping[str, object], key: str, label: str, default: int, high: int, unit: str,
+                warnings: list[str], ignored_zero: Optional[str] = None) -> int:
+    """An integer option's value: optparse's conversion, then 1..high.
+
+    With ``ignored_zero`` a 0 keeps the default (the old tool tested the value
+    for truth) and adds a warning.
+    """
+    raw = _last(parsed, key)
+    if raw is None:
+        return default
+    value = _parse_optparse_int(label, raw)
+    if value == 0 and ignored_zero:
+        warnings.append(f"{ignored_zero} is ignored (as by the old remus): using {default}")
+        return default
+    if not 0 < value <= high:
+        raise UsageError(f"option {label}: {value} is not between 1 and {high} {unit}")
+    return value
+
+
 def _settings(parsed: Mapping[str, object]) -> Settings:
     args = list(parsed["<args>"])  # type: ignore[call-overload]
     if "--" in args:
@@ -247,37 +253,12 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
     if len(args) > 2:
         warnings.append(f"ignoring extra arguments: {' '.join(args[2:])}")
 
-    interval_ms = DEFAULT_INTERVAL_MS
-    raw = _last(parsed, "--interval")
-    if raw is not None:
-        value = _parse_optparse_int("-i/--interval", raw)
-        if value == 0:
-            warnings.append(f"-i 0 is ignored (as by the old remus): using {DEFAULT_INTERVAL_MS} ms")
-        elif value < 0:
-            raise UsageError(f"option -i/--interval: {value} is not a positive number of milliseconds")
-        elif value > 3_600_000:
-            raise UsageError(f"option -i/--interval: {value} ms is over the 1-hour maximum")
-        else:
-            interval_ms = value
-
-    port = DEFAULT_PORT
-    raw = _last(parsed, "--port")
-    if raw is not None:
-        value = _parse_optparse_int("-p/--port", raw)
-        if value == 0:
-            warnings.append(f"-p 0 is ignored (as by the old remus): using port {DEFAULT_PORT}")
-        elif not 0 < value <= 65535:
-            raise UsageError(f"option -p/--port: {value} is not a TCP port (1-65535)")
-        else:
-            port = value
-
-    ack_timeout_ms = DEFAULT_ACK_TIMEOUT_MS
-    raw = _last(parsed, "--ack-timeout")
-    if raw is not None:
-        value = _parse_optparse_int("--ack-timeout", raw)
-        if value <= 0:
-            raise UsageError(f"option --ack-timeout: {value} is not a positive number of milliseconds")
-        ack_timeout_ms = value
+    interval_ms = _int_option(parsed, "--interval", "-i/--interval", DEFAULT_INTERVAL_MS, 3_600_000,
+                              "milliseconds", warnings, ignored_zero="-i 0")
+    port = _int_option(parsed, "--port", "-p/--port", DEFAULT_PORT, 65535, "(a TCP port)", warnings,
+                       ignored_zero="-p 0")
+    ack_timeout_ms = _int_option(parsed, "--ack-timeout", "--ack-timeout", DEFAULT_ACK_TIMEOUT_MS,
+                                 3_600_000, "milliseconds", warnings)
 
     return Settings(
         domain=args[0],
@@ -319,6 +300,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for warning in settings.warnings:
         print(f"remus: warning: {warning}", file=sys.stderr)
-    from remus.run import run
+    from remus.run import run  # imported late: parsing must not load the engine
 
     return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,14 +7,15 @@ engine drives it strictly in this order, once per checkpoint::
 
 and calls ``close()`` exactly once at the end, on every exit path.  Kinds of
 domain live elsewhere (``remus.sim`` for the built-in simulated guest,
-``remus.xen`` for real Xen domains); ``open_domain`` picks one from the
-command line's domain argument.  This module never touches a guest itself.
+``remus.xen`` for real Xen domains); ``remus.domains.open_domain`` picks one
+from the command line's domain argument.  This module never touches a guest
+itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from remus.devices import CheckpointDevice
 from remus.stream.records import Record
@@ -27,11 +28,18 @@ class Capture:
     ``records`` are the domain's stream records for this checkpoint in the
     libxc v2 layout (``DomainHeader`` first in the first capture, then
     PAGE_DATA and state records, then ``Checkpoint``).  ``dirty_pages`` counts
-    the pages they carry.
+    the pages they carry.  A domain whose records need work that does not
+    need the guest stopped (hashing, say) passes ``finish`` instead: the
+    engine calls it after the guest resumed, and it returns the records.
     """
 
     records: Sequence[Record]
     dirty_pages: int
+    finish: Optional[Callable[[], Sequence[Record]]] = None
+
+    def final_records(self) -> Sequence[Record]:
+        """The records to send (calls ``finish`` if there is one)."""
+        return self.finish() if self.finish is not None else self.records
 
 
 @dataclass(frozen=True)
@@ -74,24 +82,3 @@ class Domain(Protocol):
 
         Never raises for a guest that is merely already running.
         """
-
-
-def open_domain(spec: str) -> Domain:
-    """The domain named by a command line's domain argument.
-
-    ``sim:NAME[,key=value...]`` is the built-in simulated domain; anything else
-    is a Xen domain name or numeric id.
-
-    Raises:
-        UsageError: a malformed ``sim:`` spec.
-        XenUnavailable: a Xen domain was named but Xen cannot be used here.
-        DomainNotFound: no Xen domain has that name or id.
-    """
-    if spec.startswith("sim:"):
-        from remus.sim.domain import SimulatedDomain
-        from remus.sim.spec import parse_sim_spec
-
-        return SimulatedDomain(parse_sim_spec(spec))
-    from remus.xen import open_xen_domain
-
-    return open_xen_domain(spec)

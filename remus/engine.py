@@ -106,8 +106,7 @@ class Engine:
             next_start = self.clock.now()
             while self.clock.wait_until(next_start, self.stop):
                 self.seq += 1
-                suspended_at = self._checkpoint(self.seq)
-                next_start = self.pacer.next_start(suspended_at, self.clock.now())
+                next_start = self._checkpoint(self.seq)
             self.channel.close(f"primary stopped: {self.stop.reason or 'requested'}")
             closed_in_order = True
             return EngineResult(self.stop.reason or "requested", self.statistics())
@@ -127,6 +126,7 @@ class Engine:
             raise CheckpointError(phase, seq, f"{type(exc).__name__}: {exc}") from exc
 
     def _checkpoint(self, seq: int) -> float:
+        """Run checkpoint ``seq``; return when the next one is due."""
         clock = self.clock
         wall_suspend = time.time()
         t_suspend = clock.now()
@@ -136,12 +136,13 @@ class Engine:
         self._step("preresume", seq, self.devices.preresume)
         self._step("resume", seq, self.domain.resume)
         t_resumed = clock.now()
-        encoded = self._step("send", seq, lambda: self.encoder.encode(seq, capture.records))
+        encoded = self._step("send", seq, lambda: self.encoder.encode(seq, capture.final_records()))
         self._step("send", seq, lambda: self.channel.send(encoded))
         self._step("ack", seq, lambda: self.channel.wait_for_ack(seq))
         t_acked = clock.now()
         wall_acked = time.time()
         self._step("commit", seq, self.devices.commit)
+        next_start = self.pacer.next_start(t_suspend, clock.now())
         period = None if self._last_suspend is None else (t_suspend - self._last_suspend) * 1000.0
         self._last_suspend = t_suspend
         stats = CheckpointStats(
@@ -159,7 +160,7 @@ class Engine:
         self._summary.add(stats)
         if self._on_checkpoint is not None:
             self._on_checkpoint(stats)
-        return t_suspend
+        return next_start
 
     # -- every exit path -------------------------------------------------------------
     def _cleanup(self, closed_in_order: bool) -> None:

@@ -10,25 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import TYPE_CHECKING
-
 from remus.channel import BlackholeChannel, Channel
 from remus.clock import StopFlag
-from remus.domain import open_domain
+from remus.domains import open_domain
 from remus.engine import Engine
 from remus.errors import BackupLost, CheckpointError, RemusError, UsageError
 from remus.report import Reporter
+from remus.settings import Settings
 from remus.signals import stop_on_signals
-
-if TYPE_CHECKING:
-    from remus.cli import Settings
 
 
 def _say(message: str) -> None:
     print(f"remus: {message}", file=sys.stderr)
 
 
-def open_channel(settings: "Settings") -> Channel:
+def open_channel(settings: Settings) -> Channel:
     """``--blackhole`` or a TCP connection to the receiver."""
     if settings.blackhole:
         return BlackholeChannel()
@@ -37,7 +33,7 @@ def open_channel(settings: "Settings") -> Channel:
     return TcpChannel(settings.destination, settings.port, ack_timeout_ms=settings.ack_timeout_ms)
 
 
-def run(settings: "Settings") -> int:
+def run(settings: Settings) -> int:
     """Protect ``settings.domain`` until stopped; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="remus: %(message)s", stream=sys.stderr)
     stop = StopFlag()

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 from remus.clock import StopFlag
 
-_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+_SIGNALS: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 @contextlib.contextmanager

@@ -165,24 +165,33 @@ class SimulatedDomain:
         self._suspended = True
 
     def capture(self) -> Capture:
+        """Copy the dirty pages and the vCPU (guest stopped); hash them after it resumed."""
         if not self._suspended:
             raise DomainError(f"sim:{self.spec.name}: capture while the guest runs")
         mem = self.mem
         dirty = mem.take_dirty()
         pages = [mem.page(pfn) for pfn in dirty]
-        self.digest.update(zip(dirty, pages))
         counter, rng, writes = mem.read_vcpu()
-        records: list[Record] = []
-        if self._first_capture:
-            records.append(DomainHeader(SIM_DHDR_TYPE, 0, 0))
-            self._first_capture = False
-        for start in range(0, len(dirty), MAX_BATCH_PAGES):
-            records.append(PageData(tuple(dirty[start : start + MAX_BATCH_PAGES]),
-                                    tuple(pages[start : start + MAX_BATCH_PAGES])))
-        records.append(SimVcpu(counter, rng, writes, self.digest.digest()))
-        records.append(Checkpoint())
+        first = self._first_capture
+        self._first_capture = False
         self._captures += 1
-        return Capture(records, len(dirty))
+
+        done: list[list[Record]] = []
+
+        def finish() -> list[Record]:
+            if done:
+                return done[0]
+            self.digest.update(zip(dirty, pages))
+            records: list[Record] = [DomainHeader(SIM_DHDR_TYPE, 0, 0)] if first else []
+            for start in range(0, len(dirty), MAX_BATCH_PAGES):
+                records.append(PageData(tuple(dirty[start : start + MAX_BATCH_PAGES]),
+                                        tuple(pages[start : start + MAX_BATCH_PAGES])))
+            records.append(SimVcpu(counter, rng, writes, self.digest.digest()))
+            records.append(Checkpoint())
+            done.append(records)
+            return records
+
+        return Capture((), len(dirty), finish)
 
     def resume(self) -> None:
         self._command(b"r", b"R")

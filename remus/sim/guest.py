@@ -62,8 +62,7 @@ class Guest:
         self.hot_pages = max(1, mem.pages // 16)
 
     def run(self) -> int:
-        mem = self.mem
-        dirty = mem.map
+        """Step at the configured pace until told to quit; the exit status."""
         write_tokens = 0.0
         packet_tokens = 0.0
         last = time.monotonic()
@@ -86,31 +85,40 @@ class Guest:
             last = now
             write_tokens += elapsed * self.dirty_rate
             packet_tokens += elapsed * self.packet_rate
-            counter, rng, writes = mem.read_vcpu()
-            budget = _STEPS_PER_LOOK  # look at the doorbell at least this often
-            while write_tokens >= 1.0 and budget:
-                budget -= 1
-                write_tokens -= 1.0
-                rng, r = splitmix64(rng)
-                if r < self.locality_threshold:
-                    pfn = r % self.hot_pages
-                else:
-                    pfn = r % mem.pages
-                counter += 1
-                writes += 1
-                dirty[mem.dirty_offset + pfn] = 1
-                off = mem.mem_offset + pfn * PAGE_SIZE + ((r >> 20) % _SLOTS) * WRITE_SIZE
-                word = r ^ counter
-                dirty[off : off + WRITE_SIZE] = _CHUNK.pack(
-                    word, ~word & 0xFFFFFFFFFFFFFFFF, counter, r, word >> 1, r >> 3, writes, pfn
-                )
-                mem.write_vcpu(counter, rng, writes)
-            while packet_tokens >= 1.0 and budget:
-                budget -= 1
-                packet_tokens -= 1.0
-                counter += 1
-                mem.write_vcpu(counter, rng, writes)
-                os.write(self.net, b"%d\n" % counter)
+            # Look at the doorbell at least every _STEPS_PER_LOOK steps.
+            packets_now = min(int(packet_tokens), _STEPS_PER_LOOK)
+            writes_now = min(int(write_tokens), _STEPS_PER_LOOK)
+            write_tokens -= writes_now
+            packet_tokens -= packets_now
+            self.write_pages(writes_now)
+            self.send_packets(packets_now)
+
+    def write_pages(self, n: int) -> None:
+        """Execute ``n`` page writes: mark dirty, then overwrite 64 bytes of the page."""
+        mem = self.mem
+        buf = mem.map
+        counter, rng, writes = mem.read_vcpu()
+        for _ in range(n):
+            rng, r = splitmix64(rng)
+            pfn = r % self.hot_pages if r < self.locality_threshold else r % mem.pages
+            counter += 1
+            writes += 1
+            buf[mem.dirty_offset + pfn] = 1
+            off = mem.mem_offset + pfn * PAGE_SIZE + ((r >> 20) % _SLOTS) * WRITE_SIZE
+            word = r ^ counter
+            buf[off : off + WRITE_SIZE] = _CHUNK.pack(
+                word, ~word & 0xFFFFFFFFFFFFFFFF, counter, r, word >> 1, r >> 3, writes, pfn
+            )
+            mem.write_vcpu(counter, rng, writes)
+
+    def send_packets(self, n: int) -> None:
+        """Execute ``n`` packet sends, each carrying the counter at its emission."""
+        mem = self.mem
+        counter, rng, writes = mem.read_vcpu()
+        for _ in range(n):
+            counter += 1
+            mem.write_vcpu(counter, rng, writes)
+            os.write(self.net, b"%d\n" % counter)
 
     def _wait_resume(self) -> bool:
         while True:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from remus.errors import UsageError
 from remus.stream.records import PAGE_SIZE
@@ -95,7 +95,7 @@ def _parse_float(text: str) -> float:
         raise ValueError("expected a number") from None
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[str], Any]] = {
     "memory": _parse_size,
     "dirty_rate": _parse_int,
     "locality": _parse_float,

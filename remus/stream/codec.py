@@ -75,10 +75,10 @@ def encode_record(record: Record) -> bytes:
     return _RHDR.pack(record_type(record), len(body)) + body + b"\0" * (-len(body) % REC_ALIGN)
 
 
-#: Records that are not part of a checkpoint's content (they may be
-#: interleaved with it by another thread, or close it).
+#: Records that are not part of a checkpoint's content (they open the session,
+#: may be interleaved with a checkpoint by another thread, or close it).
 _OUTSIDE_CHECKPOINT = frozenset(
-    (RemusRecType.COMMIT, RemusRecType.HEARTBEAT, RemusRecType.ACK, RemusRecType.CLOSE)
+    (RemusRecType.SESSION, RemusRecType.COMMIT, RemusRecType.HEARTBEAT, RemusRecType.ACK, RemusRecType.CLOSE)
 )
 
 

@@ -42,10 +42,36 @@ DEFAULT_CACHE_PAGES = 16384
 DEFAULT_LEVEL = 1
 
 
+_XOR_CHUNK = 512
+_ZERO_CHUNK = bytes(_XOR_CHUNK)
+
+
 def xor_pages(a: bytes, b: bytes) -> bytes:
-    """Byte-wise XOR of two equal-length buffers."""
+    """Byte-wise XOR of two equal-length buffers (pages).
+
+    Guests mostly rewrite a few bytes of a page, so only the 512-byte chunks
+    that differ are XORed (through Python integers, the fastest pure-Python
+    XOR); a page that changed almost everywhere is XORed in one go.
+    """
     n = len(a)
-    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
+    if a == b:
+        return bytes(n)
+    if n % _XOR_CHUNK:
+        return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
+    chunks = range(0, n, _XOR_CHUNK)
+    differ = [off for off in chunks if a[off : off + _XOR_CHUNK] != b[off : off + _XOR_CHUNK]]
+    if len(differ) * 2 > len(chunks):
+        return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
+    parts = []
+    for off in chunks:
+        if off in differ:
+            x = int.from_bytes(a[off : off + _XOR_CHUNK], "little") ^ int.from_bytes(
+                b[off : off + _XOR_CHUNK], "little"
+            )
+            parts.append(x.to_bytes(_XOR_CHUNK, "little"))
+        else:
+            parts.append(_ZERO_CHUNK)
+    return b"".join(parts)
 
 
 class PageCache:

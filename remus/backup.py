@@ -1,0 +1,252 @@
+"""The backup's side of one replication session, sans I/O.
+
+``BackupSession`` is fed the bytes the primary sent (``receive_data``) and
+answers with what happened (a list of ``Output`` values): records to send
+back (acks), the session being opened or refused, checkpoints committed, and
+the primary closing the session in order.  It never touches a socket, a
+clock or a guest; ``remus.receiver`` does.
+
+Theory of operation.  The state machine (``_ALLOWED``) is::
+
+    HEADER --StreamHeader--> SESSION --Session--> OPEN --Close--> CLOSED
+
+In OPEN, domain records (DomainHeader, PAGE_DATA, page batches, state
+records, CHECKPOINT) are *staged*; a COMMIT whose sequence number, record
+count and CRC-32 match what was staged folds the staging into the committed
+``Image`` and produces an ACK.  Anything else (a record out of place, a
+mismatching COMMIT, a page beyond the domain's memory, a corrupt batch)
+raises ``RemoteProtocolError`` and leaves the committed image exactly as it
+was: whatever happens to the stream, the image is always the last checkpoint
+that was acknowledged (or empty before the first).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+from remus.errors import RemoteProtocolError, RemusError, UsageError
+from remus.image import Image, Staging
+from remus.stream.codec import NEED_DATA, EndOfStream, StreamDecoder, padded_length
+from remus.stream.compression import PageDecompressor
+from remus.stream.records import (
+    Ack,
+    Checkpoint,
+    Close,
+    CloseReason,
+    Commit,
+    DomainHeader,
+    Heartbeat,
+    PageBatch,
+    PageData,
+    Record,
+    Session,
+    SimVcpu,
+    StreamHeader,
+    XenRecord,
+    page_type_has_data,
+)
+
+#: Pages a Xen domain may have when its session header does not say (64 GiB).
+DEFAULT_MAX_PAGES = 16 << 20
+
+
+class State(enum.Enum):
+    HEADER = "awaiting the stream header"
+    SESSION = "awaiting the session record"
+    OPEN = "receiving checkpoints"
+    CLOSED = "closed by the primary"
+
+
+_DOMAIN_RECORDS = (DomainHeader, PageData, PageBatch, SimVcpu, Checkpoint, XenRecord)
+
+#: Which events each state accepts; anything else is a protocol error.
+_ALLOWED: dict[State, tuple[type, ...]] = {
+    State.HEADER: (StreamHeader,),
+    State.SESSION: (Session,),
+    State.OPEN: _DOMAIN_RECORDS + (Commit, Heartbeat, Close),
+    State.CLOSED: (),
+}
+
+
+@dataclass(frozen=True)
+class SendBack:
+    """A record to send to the primary."""
+
+    record: Record
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The primary opened a session for this domain."""
+
+    info: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The session cannot be taken (the reason is also sent back in a CLOSE)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Checkpoint ``seq`` is complete and now the image; an ACK is on its way."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class ClosedByPrimary:
+    """The primary ended the session in order (it keeps running the domain)."""
+
+    reason: int
+    message: str
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """EOF.  ``partial_bytes`` > 0 means it cut a record in half."""
+
+    partial_bytes: int
+
+
+Output = Union[SendBack, Opened, Refused, Committed, ClosedByPrimary, StreamEnded]
+
+
+class BackupSession:
+    """One session's state machine (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.state = State.HEADER
+        self.decoder = StreamDecoder()
+        self.image = Image()
+        self.info: Mapping[str, Any] = {}
+        self.kind = ""
+        self.max_pages = DEFAULT_MAX_PAGES
+        self._staging: Optional[Staging] = None
+        self._decompressor = PageDecompressor()
+
+    @property
+    def receiving(self) -> bool:
+        """True while part of a checkpoint has arrived but not its COMMIT."""
+        return self._staging is not None
+
+    def receive_data(self, data: bytes) -> list[Output]:
+        """Feed bytes from the primary (``b""`` for EOF); return what they caused.
+
+        Raises:
+            RemoteProtocolError: the stream is invalid; the session is over,
+                and ``image`` is still the last committed checkpoint.
+        """
+        self.decoder.receive_data(data)
+        outputs: list[Output] = []
+        while True:
+            event = self.decoder.next_event()
+            if event is NEED_DATA:
+                return outputs
+            if isinstance(event, EndOfStream):
+                self._staging = None
+                outputs.append(StreamEnded(event.partial_bytes))
+                return outputs
+            allowed = _ALLOWED[self.state]
+            if not isinstance(event, allowed):
+                raise RemoteProtocolError(f"{type(event).__name__} record while {self.state.value}")
+            outputs.extend(self._handle(event))
+
+    # -- events ------------------------------------------------------------------------
+    def _handle(self, event: object) -> list[Output]:
+        if isinstance(event, StreamHeader):
+            self.state = State.SESSION
+            return []
+        if isinstance(event, Session):
+            return self._open(event)
+        if isinstance(event, Heartbeat):
+            return []
+        if isinstance(event, Close):
+            self.state = State.CLOSED
+            self._staging = None
+            return [ClosedByPrimary(event.reason, event.message)]
+        if isinstance(event, Commit):
+            return self._commit(event)
+        self._stage(event)
+        return []
+
+    def _open(self, session: Session) -> list[Output]:
+        info = session.info
+        kind = info["kind"]
+        try:
+            if kind == "sim":
+                from remus.sim.domain import spec_from_session
+
+                self.max_pages = spec_from_session(info).pages
+            elif kind == "xen":
+                max_pages = info.get("max_pages", DEFAULT_MAX_PAGES)
+                if not isinstance(max_pages, int) or max_pages <= 0:
+                    raise UsageError(f"bad max_pages {max_pages!r}")
+                self.max_pages = max_pages
+            else:
+                raise UsageError(f"unknown domain kind {kind!r}")
+        except RemusError as exc:  # the reason goes back to the primary
+            reason = f"cannot take domain {info.get('domain')!r}: {exc}"
+            self.state = State.CLOSED
+            return [SendBack(Close(CloseReason.REFUSED, reason)), Refused(reason)]
+        self.info = info
+        self.kind = kind
+        self.state = State.OPEN
+        return [Opened(info), SendBack(Ack(0))]
+
+    def _stage(self, record: object) -> None:
+        if self._staging is None:
+            self._staging = Staging(self.max_pages)
+        staging = self._staging
+        if staging.checkpoint_seen:
+            raise RemoteProtocolError(f"{type(record).__name__} after CHECKPOINT, before COMMIT")
+        if isinstance(record, DomainHeader):
+            if self.image.seq or staging.header or staging.pages or staging.records:
+                raise RemoteProtocolError("domain header anywhere but at the very start")
+            staging.header = record
+        elif isinstance(record, PageData):
+            for word, page in _pages_of(record):
+                staging.add_page(word, page)
+        elif isinstance(record, PageBatch):
+
+            def lookup(pfn: int) -> Optional[bytes]:
+                staged = staging.page(pfn)
+                return staged if staged is not None else self.image.page(pfn)
+
+            for word, page in self._decompressor.decompress(record, lookup):
+                staging.add_page(word, page)
+        elif isinstance(record, Checkpoint):
+            staging.checkpoint_seen = True
+        else:
+            assert isinstance(record, (SimVcpu, XenRecord))
+            staging.add_record(record, 8 + padded_length(len(record.encode_body())))
+
+    def _commit(self, commit: Commit) -> list[Output]:
+        count, crc = self.decoder.take_commit_digest()
+        staging = self._staging
+        expected = self.image.seq + 1
+        if commit.seq != expected:
+            raise RemoteProtocolError(f"COMMIT {commit.seq} where {expected} was due")
+        if (commit.records, commit.crc32) != (count, crc):
+            raise RemoteProtocolError(
+                f"checkpoint {commit.seq} does not match its COMMIT "
+                f"({count} records, crc {crc:#010x}; COMMIT says {commit.records}, {commit.crc32:#010x})"
+            )
+        if staging is None or not staging.checkpoint_seen:
+            raise RemoteProtocolError(f"COMMIT {commit.seq} without a CHECKPOINT record")
+        if self.image.seq == 0 and staging.header is None:
+            raise RemoteProtocolError("the first checkpoint has no domain header")
+        if self.kind == "sim" and not any(isinstance(r, SimVcpu) for r in staging.records):
+            raise RemoteProtocolError(f"checkpoint {commit.seq} of a simulated domain has no vCPU record")
+        self.image.commit(commit.seq, staging)
+        self._staging = None
+        return [Committed(commit.seq), SendBack(Ack(commit.seq))]
+
+
+def _pages_of(record: PageData) -> list[tuple[int, Optional[bytes]]]:
+    pages = iter(record.pages)
+    return [(word, next(pages) if page_type_has_data(word) else None) for word in record.pfns]

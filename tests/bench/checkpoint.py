@@ -1,0 +1,86 @@
+"""Benchmark: whole checkpoints of a simulated guest, compression on against off.
+
+Run: ``python -m tests.bench.checkpoint [--seconds S] [--interval MS] [--tcp]``.
+
+Runs the real engine on a simulated guest (64 MiB, 4000 dirty pages/s) into
+/dev/null (or, with ``--tcp``, into a receiver on localhost), alternating
+compression on and off so both see the same machine, and prints each figure
+with its ratio on/off.  Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+from remus.channel import BlackholeChannel, Channel
+from remus.clock import StopFlag
+from remus.engine import Engine
+from remus.sim.domain import SimulatedDomain
+from remus.sim.spec import parse_sim_spec
+from remus.stats import CheckpointStats
+
+
+def one_run(compression: bool, seconds: float, interval_ms: int, tcp: bool) -> dict[str, float]:
+    domain = SimulatedDomain(parse_sim_spec("sim:bench,memory=64M,dirty_rate=4000,packet_rate=50"))
+    stop = StopFlag()
+    seen: list[CheckpointStats] = []
+    backup: Any = None
+    channel: Channel
+    if tcp:
+        from remus.transport import TcpChannel
+        from tests.test_transport import ReceiverThread
+
+        backup = ReceiverThread()
+        channel = TcpChannel("127.0.0.1", backup.port)
+    else:
+        channel = BlackholeChannel()
+
+    def on_checkpoint(stats: CheckpointStats) -> None:
+        seen.append(stats)
+        if sum(s.period_ms or 0 for s in seen) >= seconds * 1000:
+            stop.set("done")
+
+    engine = Engine(domain, channel, interval_ms=interval_ms, compression=compression,
+                    devices=list(domain.devices(True)), stop=stop, on_checkpoint=on_checkpoint)
+    try:
+        engine.run()
+    finally:
+        domain.close()
+        if backup is not None:
+            backup.finish()
+    steady = seen[1:]  # the first checkpoint is the whole memory
+    span_s = sum(s.period_ms or 0 for s in steady) / 1000
+    return {
+        "checkpoints/s": len(steady) / span_s,
+        "pause ms (mean)": statistics.fmean(s.pause_ms for s in steady),
+        "send+ack ms (mean)": statistics.fmean(s.ack_ms for s in steady),
+        "wire KiB/checkpoint": statistics.fmean(s.wire_bytes for s in steady) / 1024,
+        "first checkpoint s": (seen[0].pause_ms + seen[0].ack_ms) / 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--interval", type=int, default=25, help="ms (25 = the 40 checkpoints/s target)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tcp", action="store_true", help="replicate to a receiver on localhost")
+    args = parser.parse_args()
+    results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for _ in range(args.rounds):
+        for compression in (True, False):
+            results[compression].append(one_run(compression, args.seconds, args.interval, args.tcp))
+    where = "a receiver on localhost" if args.tcp else "/dev/null"
+    print(f"simulated guest 64 MiB, 4000 dirty pages/s, -i {args.interval}, into {where}; "
+          f"medians of {args.rounds} alternating runs")
+    print(f"{'figure':24} {'compression':>12} {'--no-compression':>17} {'ratio on/off':>13}")
+    for key in results[True][0]:
+        on = statistics.median(r[key] for r in results[True])
+        off = statistics.median(r[key] for r in results[False])
+        print(f"{key:24} {on:12.2f} {off:17.2f} {on / off if off else float('nan'):13.2f}")
+
+
+if __name__ == "__main__":
+    main()

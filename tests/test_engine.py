@@ -1,0 +1,199 @@
+"""The checkpoint engine, on fakes and a fake clock: order, pacing, and every exit path."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+
+from remus.clock import FakeClock, StopFlag
+from remus.engine import Engine
+from remus.errors import BackupLost, CheckpointError, DomainError
+from remus.stats import CheckpointStats
+from tests.helpers import CallLog, FakeChannel, FakeDevice, FakeDomain, Fault, stop_after
+
+PER_CHECKPOINT = [
+    "domain.suspend",
+    "disk.postsuspend",
+    "nic.postsuspend",
+    "domain.capture",
+    "disk.preresume",
+    "nic.preresume",
+    "domain.resume",
+    "channel.send",
+    "channel.ack",
+    "disk.commit",
+    "nic.commit",
+]
+
+
+def make(
+    *,
+    checkpoints: int = 3,
+    interval_ms: int = 100,
+    timer: bool = False,
+    capture_s: float = 0.0,
+    send_s: float = 0.0,
+    domain_fault: Optional[Fault] = None,
+    device_fault: Optional[Fault] = None,
+    channel_fault: Optional[Fault] = None,
+) -> tuple[Engine, CallLog, FakeClock, FakeDomain, list[FakeDevice], FakeChannel, list[CheckpointStats]]:
+    log = CallLog()
+    clock = FakeClock()
+    stop = StopFlag()
+    domain = FakeDomain(log, clock, capture_s=capture_s, fault=domain_fault)
+    devices = [
+        FakeDevice(log, "disk", fault=device_fault, seq=lambda: domain.seq),
+        FakeDevice(log, "nic", fault=device_fault, seq=lambda: domain.seq),
+    ]
+    channel = FakeChannel(log, clock, send_s=send_s, fault=channel_fault)
+    seen: list[CheckpointStats] = []
+    done = stop_after(stop, checkpoints)
+
+    def on_checkpoint(stats: CheckpointStats) -> None:
+        seen.append(stats)
+        done(stats)
+
+    engine = Engine(domain, channel, interval_ms=interval_ms, timer=timer, devices=devices,
+                    clock=clock, stop=stop, on_checkpoint=on_checkpoint)
+    return engine, log, clock, domain, devices, channel, seen
+
+
+def test_callback_order_per_checkpoint() -> None:
+    engine, log, _clock, domain, devices, channel, seen = make(checkpoints=3)
+    result = engine.run()
+    assert result.stop_reason == "test"
+    assert log[:3] == ["disk.install", "nic.install", "channel.open"]
+    body = log[3 : 3 + 3 * len(PER_CHECKPOINT)]
+    assert body == PER_CHECKPOINT * 3
+    assert log[3 + 3 * len(PER_CHECKPOINT) :] == ["channel.close", "disk.release", "nic.release"]
+    assert [s.seq for s in seen] == [1, 2, 3]
+    assert not domain.suspended
+    assert channel.closed_with is not None and not channel.aborted
+
+
+def test_checkpoints_are_framed_with_sequence_numbers() -> None:
+    engine, _log, _clock, _domain, _devices, channel, _seen = make(checkpoints=2)
+    engine.run()
+    assert [c.seq for c in channel.sent] == [1, 2]
+    assert channel.opening.startswith(b"\xff" * 8 + b"RMUS")
+
+
+def test_interval_mode_waits_the_rest_of_the_interval() -> None:
+    # Checkpoint work takes 30 ms of a 100 ms interval: suspends 100 ms apart.
+    engine, _log, _clock, _d, _dev, _ch, seen = make(checkpoints=4, interval_ms=100, capture_s=0.01, send_s=0.02)
+    engine.run()
+    assert [round(s.period_ms or 0, 6) for s in seen[1:]] == [100.0, 100.0, 100.0]
+    assert all(s.overruns == 0 for s in seen)
+
+
+def test_interval_mode_overrun_starts_next_checkpoint_at_once() -> None:
+    # 150 ms of work for a 100 ms interval: the period is the checkpoint time.
+    engine, _log, _clock, _d, _dev, _ch, seen = make(checkpoints=4, interval_ms=100, capture_s=0.05, send_s=0.1)
+    engine.run()
+    assert [round(s.period_ms or 0, 6) for s in seen[1:]] == [150.0, 150.0, 150.0]
+    assert all(s.overruns == 0 for s in seen)
+
+
+def test_timer_mode_keeps_the_grid() -> None:
+    engine, _log, _clock, _d, _dev, _ch, seen = make(checkpoints=4, interval_ms=100, timer=True, capture_s=0.03)
+    engine.run()
+    assert [round(s.period_ms or 0, 6) for s in seen[1:]] == [100.0, 100.0, 100.0]
+    assert seen[-1].overruns == 0
+
+
+def test_timer_mode_counts_overruns_and_stays_on_the_grid() -> None:
+    # 150 ms of work on a 100 ms grid: every checkpoint misses one grid point,
+    # so suspends land 200 ms apart, on the grid, and each counts one overrun.
+    engine, _log, _clock, _d, _dev, _ch, seen = make(checkpoints=4, interval_ms=100, timer=True, capture_s=0.15)
+    engine.run()
+    assert [round(s.period_ms or 0, 6) for s in seen[1:]] == [200.0, 200.0, 200.0]
+    assert [s.overruns for s in seen] == [1, 2, 3, 4]
+
+
+def test_stop_is_honoured_only_between_checkpoints() -> None:
+    engine, log, _clock, domain, devices, channel, seen = make(checkpoints=99)
+
+    def stop_mid_checkpoint(what: str, seq: int) -> None:
+        if what == "capture" and seq == 2:
+            engine.stop.set("SIGINT")
+
+    domain.on_call = stop_mid_checkpoint
+    result = engine.run()
+    assert result.stop_reason == "SIGINT"
+    assert [s.seq for s in seen] == [1, 2]  # checkpoint 2 completed, 3 never started
+    assert log.only("domain.suspend") == ["domain.suspend"] * 2
+    assert all(d.released == 1 for d in devices)
+
+
+PHASES = [
+    ("suspend", "domain", "domain.suspend"),
+    ("postsuspend", "device", "nic.postsuspend"),
+    ("capture", "domain", "domain.capture"),
+    ("preresume", "device", "disk.preresume"),
+    ("resume", "domain", "domain.resume"),
+    ("send", "channel", "channel.send"),
+    ("ack", "channel", "channel.ack"),
+    ("commit", "device", "nic.commit"),
+]
+
+
+@pytest.mark.parametrize("phase,who,where", PHASES, ids=[p[0] for p in PHASES])
+@pytest.mark.parametrize("exc", [DomainError("boom"), RuntimeError("bug"), KeyboardInterrupt()],
+                         ids=["remus-error", "other-error", "keyboard-interrupt"])
+def test_exception_from_each_callback_leaves_domain_running_and_buffers_released(
+    phase: str, who: str, where: str, exc: BaseException
+) -> None:
+    fault = Fault(where, exc, seq=2)
+    engine, log, _clock, domain, devices, channel, seen = make(
+        checkpoints=5,
+        domain_fault=fault if who == "domain" else None,
+        device_fault=fault if who == "device" else None,
+        channel_fault=fault if who == "channel" else None,
+    )
+    if isinstance(exc, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            engine.run()
+    else:
+        with pytest.raises(CheckpointError) as info:
+            engine.run()
+        assert info.value.phase == phase
+        assert info.value.seq == 2
+        assert info.value.__cause__ is exc
+    assert not domain.suspended, "the domain must be running after any failure"
+    assert all(d.released == 1 for d in devices), "every output buffer must be released"
+    assert channel.aborted and channel.closed_with is None
+    assert [s.seq for s in seen] == [1]
+    # Every successful suspend was followed by a resume (a failed resume is retried).
+    suspends = len(log.only("domain.suspend")) - (phase == "suspend")
+    resumes = len(log.only("domain.resume")) - (phase == "resume")
+    assert resumes == suspends
+
+
+def test_backup_lost_passes_through_after_cleanup() -> None:
+    fault = Fault("channel.ack", BackupLost("backup went away"), seq=3)
+    engine, log, _clock, domain, devices, channel, seen = make(checkpoints=5, channel_fault=fault)
+    with pytest.raises(BackupLost):
+        engine.run()
+    assert not domain.suspended
+    assert all(d.released == 1 for d in devices)
+    assert channel.aborted
+    assert [s.seq for s in seen] == [1, 2]
+    # Epoch 3 was never committed (its output is released by release(), not commit()).
+    assert log.only("nic.commit") == ["nic.commit"] * 2
+
+
+def test_failed_install_still_releases_everything() -> None:
+    fault = Fault("nic.install", DomainError("no plug"))
+    engine, log, _clock, domain, devices, channel, _seen = make(device_fault=fault)
+    with pytest.raises(DomainError):
+        engine.run()
+    assert all(d.released == 1 for d in devices)
+    assert "domain.suspend" not in log
+    assert channel.aborted
+
+
+def test_interval_must_be_positive() -> None:
+    log, clock = CallLog(), FakeClock()
+    with pytest.raises(ValueError):
+        Engine(FakeDomain(log, clock), FakeChannel(log, clock), interval_ms=0)

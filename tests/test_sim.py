@@ -1,0 +1,294 @@
+"""The simulated domain behaves like a guest: it really stops, tracks dirty pages, and its
+output leaves only when the checkpoint that produced it is acknowledged."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from remus.clock import StopFlag
+from remus.domain import Capture
+from remus.engine import Engine
+from remus.errors import DomainError, UsageError
+from remus.sim.domain import SimulatedDomain, initial_memory
+from remus.sim.guest import Guest
+from remus.sim.memory import GuestMemory, MemoryDigest
+from remus.sim.output import PacketSink, PlugQueue
+from remus.sim.spec import SimSpec, parse_sim_spec
+from remus.stream.records import PAGE_SIZE, Checkpoint, DomainHeader, PageData, SimVcpu
+from remus.stream.sender import EncodedCheckpoint
+
+# --------------------------------------------------------------------------- spec
+
+
+def test_spec_defaults_and_keys() -> None:
+    assert parse_sim_spec("sim:demo") == SimSpec("demo")
+    spec = parse_sim_spec("sim:g1,memory=64M,dirty_rate=500,locality=0.5,seed=9,output=/tmp/o,packet_rate=3")
+    assert spec == SimSpec("g1", 64 << 20, 500, 0.5, 9, "/tmp/o", 3)
+    assert spec.pages == 16384
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("sim:demo,colour=red", "unknown key 'colour'"),
+    ("sim:demo,memory=lots", "memory='lots'"),
+    ("sim:demo,memory=100", "between 1M and 16G"),
+    ("sim:demo,memory=1000001K", "whole number of 4 KiB pages"),
+    ("sim:demo,dirty_rate=-1", "dirty_rate"),
+    ("sim:demo,locality=2", "locality"),
+    ("sim:demo,seed=x", "seed='x'"),
+    ("sim:demo,seed=1,seed=2", "seed given twice"),
+    ("sim:demo,memory", "not key=value"),
+    ("sim:", "name"),
+    ("sim:a b", "name"),
+])
+def test_bad_specs_are_usage_errors(text: str, needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_sim_spec(text)
+    assert needle in str(info.value)
+
+
+def test_spec_round_trips_through_the_session_header_form() -> None:
+    spec = parse_sim_spec("sim:x,memory=2M,seed=5,output=/o")
+    assert SimSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(UsageError):
+        SimSpec.from_dict(dict(spec.to_dict(), evil=1))
+    with pytest.raises(UsageError):
+        SimSpec.from_dict(dict(spec.to_dict(), memory=-1))
+
+
+# --------------------------------------------------------------------------- the guest model
+
+
+def guest_on(mem: GuestMemory, seed: int, locality: float = 0.9) -> Guest:
+    mem.write_vcpu(0, seed, 0)
+    r, w = os.pipe()
+    guest = Guest(mem, bell=-1, ack=-1, net=w, dirty_rate=0, locality=locality, packet_rate=0)
+    guest._pipe = (r, w)  # type: ignore[attr-defined]
+    return guest
+
+
+def test_same_seed_same_memory_different_seed_different_memory() -> None:
+    memories = []
+    for seed in (7, 7, 8):
+        mem = GuestMemory(256)
+        guest_on(mem, seed).write_pages(2000)
+        memories.append((mem.memory_bytes(), mem.read_vcpu()))
+        mem.close()
+    assert memories[0] == memories[1]
+    assert memories[0][0] != memories[2][0]
+
+
+def test_dirty_map_tracks_every_written_page_and_clears() -> None:
+    mem = GuestMemory(512)
+    guest = guest_on(mem, 3, locality=0.0)
+    before = mem.memory_bytes()
+    guest.write_pages(300)
+    after = mem.memory_bytes()
+    changed = {pfn for pfn in range(512) if before[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
+               != after[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]}
+    dirty = mem.take_dirty()
+    assert changed <= set(dirty) and len(dirty) > 100
+    assert mem.take_dirty() == []
+    assert mem.read_vcpu()[0] == 300 and mem.read_vcpu()[2] == 300
+
+
+def test_locality_concentrates_writes_in_the_hot_region() -> None:
+    mem = GuestMemory(1600)
+    guest_on(mem, 5, locality=1.0).write_pages(500)
+    assert max(mem.take_dirty()) < 100  # the hot region is the first 1/16 of memory
+
+
+def test_memory_digest_updates_incrementally() -> None:
+    data = bytearray(initial_memory(SimSpec("d", memory=1 << 20)))
+    digest = MemoryDigest.of(bytes(data))
+    data[5 * PAGE_SIZE + 17] ^= 0xFF
+    digest.update([(5, bytes(data[5 * PAGE_SIZE:6 * PAGE_SIZE]))])
+    assert digest.digest() == MemoryDigest.of(bytes(data)).digest()
+
+
+def test_packets_carry_the_counter_and_advance_it() -> None:
+    mem = GuestMemory(16)
+    guest = guest_on(mem, 1)
+    guest.write_pages(5)
+    guest.send_packets(3)
+    r, _w = guest._pipe  # type: ignore[attr-defined]
+    assert os.read(r, 100) == b"6\n7\n8\n"
+
+
+# --------------------------------------------------------------------------- plug queue
+
+
+def test_plug_queue_follows_sch_plug_epochs() -> None:
+    out: list[int] = []
+    q = PlugQueue(out.extend)
+    q.enqueue([1, 2])
+    q.plug()            # epoch A = [1, 2] closed
+    q.enqueue([3])
+    q.release_one()     # A out
+    assert out == [1, 2]
+    q.release_one()     # nothing closed: nothing out
+    assert out == [1, 2]
+    q.plug()
+    q.enqueue([4])
+    q.release_all()
+    assert out == [1, 2, 3, 4]
+    q.enqueue([5])      # passes through now
+    assert out == [1, 2, 3, 4, 5]
+    q.plug()
+    q.enqueue([6])
+    assert out[-1] == 5
+
+
+def test_plug_queue_drops_beyond_its_limit() -> None:
+    out: list[int] = []
+    q = PlugQueue(out.extend, limit=3)
+    q.enqueue([1, 2, 3, 4, 5])
+    assert q.dropped == 2 and q.held == 3
+
+
+def test_packet_sink_appends_counter_first(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    sink = PacketSink(str(path), "g", "primary")
+    sink.deliver([3, 9])
+    sink.close()
+    assert path.read_text() == "3 g primary\n9 g primary\n"
+
+
+# --------------------------------------------------------------------------- the live guest
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_suspend_really_stops_the_guest_and_resume_restarts_it(tmp_path: Path) -> None:
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=4M,dirty_rate=20000,packet_rate=200"))
+    try:
+        time.sleep(0.2)
+        domain.suspend()
+        counter = domain.vcpu()[0]
+        memory = domain.mem.memory_bytes()
+        time.sleep(0.2)
+        assert domain.vcpu()[0] == counter and domain.mem.memory_bytes() == memory
+        assert domain.pid is not None and proc_state(domain.pid) == "S"  # blocked, not running
+        domain.resume()
+        time.sleep(0.2)
+        assert domain.vcpu()[0] > counter
+    finally:
+        domain.close()
+    assert domain.pid is None
+
+
+def test_capture_returns_exactly_the_dirty_pages_and_the_vcpu() -> None:
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=2M,dirty_rate=5000,packet_rate=0"))
+    try:
+        domain.suspend()
+        first = domain.capture()
+        assert isinstance(first.final_records()[0], DomainHeader)
+        assert first.dirty_pages == 512  # the first capture is the whole memory
+        domain.resume()
+        time.sleep(0.1)
+        domain.suspend()
+        second = domain.capture()
+        records2 = second.final_records()
+        pages = [r for r in records2 if isinstance(r, PageData)]
+        vcpu = [r for r in records2 if isinstance(r, SimVcpu)][0]
+        assert isinstance(records2[-1], Checkpoint)
+        dirty_pfns = [p for r in pages for p in r.pfns]
+        assert 0 < len(dirty_pfns) == second.dirty_pages < 512
+        for record in pages:
+            for pfn, page in zip(record.pfns, record.pages):
+                assert page == domain.mem.page(pfn)
+        assert vcpu.counter == domain.vcpu()[0]
+        assert vcpu.memory_digest == MemoryDigest.of(domain.mem.memory_bytes()).digest()
+        domain.resume()
+    finally:
+        domain.close()
+
+
+def test_capture_while_running_is_refused() -> None:
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=1M"))
+    try:
+        with pytest.raises(DomainError):
+            domain.capture()
+    finally:
+        domain.close()
+
+
+def test_guest_dies_with_its_host_process() -> None:
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=1M"))
+    pid = domain.pid
+    assert pid is not None
+    os.close(domain._bell)  # what the kernel does when the host process dies
+    domain._bell = os.open(os.devnull, os.O_WRONLY)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and domain._proc.poll() is None:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    assert domain._proc.poll() == 0  # type: ignore[union-attr]
+    domain.close()
+
+
+class AckRecorder:
+    """A channel that acks at once and records, per ack, the vCPU counter it covered."""
+
+    def __init__(self, domain: SimulatedDomain, stop: StopFlag, checkpoints: int) -> None:
+        self.domain, self.stop, self.checkpoints = domain, stop, checkpoints
+        self.acked_counter = 0
+        self.violations: list[tuple[int, int]] = []
+        self._pending: dict[int, int] = {}
+
+    def note_capture(self, capture: Capture, seq: int) -> None:
+        vcpu = [r for r in capture.final_records() if isinstance(r, SimVcpu)][0]
+        self._pending[seq] = vcpu.counter
+
+    def open(self, opening: bytes) -> None:
+        pass
+
+    def send(self, checkpoint: EncodedCheckpoint) -> None:
+        # Nothing emitted after the last acked checkpoint may have been released yet.
+        if self.domain.sink.highest > self.acked_counter:
+            self.violations.append((self.domain.sink.highest, self.acked_counter))
+
+    def wait_for_ack(self, seq: int) -> None:
+        time.sleep(0.01)
+        self.acked_counter = self._pending.pop(seq)
+        if seq >= self.checkpoints:
+            self.stop.set("test")
+
+    def close(self, message: str) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("net_buffering", [True, False], ids=["buffered", "no-net"])
+def test_output_leaves_only_after_the_ack_of_its_checkpoint(tmp_path: Path, net_buffering: bool) -> None:
+    out = tmp_path / "out"
+    domain = SimulatedDomain(parse_sim_spec(f"sim:t,memory=2M,dirty_rate=2000,packet_rate=500,output={out}"))
+    stop = StopFlag()
+    channel = AckRecorder(domain, stop, checkpoints=15)
+    real_capture = domain.capture
+
+    def capture() -> Capture:
+        result = real_capture()
+        channel.note_capture(result, engine.seq)
+        return result
+
+    domain.capture = capture  # type: ignore[method-assign]
+    engine = Engine(domain, channel, interval_ms=20, devices=list(domain.devices(net_buffering)), stop=stop)
+    try:
+        time.sleep(0.1)  # let the guest emit before the first checkpoint, too
+        engine.run()
+    finally:
+        domain.close()
+    lines = out.read_text().splitlines()
+    counters = [int(line.split()[0]) for line in lines]
+    assert counters == sorted(counters) and len(counters) > 20
+    if net_buffering:
+        assert channel.violations == []
+    else:
+        assert channel.violations, "--no-net must let packets out before their checkpoint is acked"
