@@ -24,7 +24,11 @@ ETH_P_8021Q = 0x8100
 ETH_P_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental ethertype 1
 ETH_P_EXPERIMENTAL_2 = 0x88B6
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (SO_TIMESTAMPNS_OLD); SCM_TIMESTAMPNS has the same value
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
+SOL_PACKET = 263  # linux/socket.h
 PACKET_OUTGOING = 4  # linux/if_packet.h
+PACKET_STATISTICS = 6  # linux/if_packet.h: struct tpacket_stats { unsigned tp_packets, tp_drops; }, reset on read
+TAP_BUFFER_BYTES = 64 << 20  # a plug's release is a burst; a slow reader must not lose it
 BROADCAST = b"\xff" * 6
 MARK = b"\x02\x52\x4d"  # source MACs 02:52:4d:..:..:.. carry a sequence number
 
@@ -121,7 +125,11 @@ class Tap:
         self.outgoing = outgoing
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, TAP_BUFFER_BYTES)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TAP_BUFFER_BYTES)
+        self.dropped = 0
         self.sock.bind((ifname, ETH_P_ALL))
         self.sock.setblocking(False)
 
@@ -159,6 +167,12 @@ class Tap:
                 got.append(s)
                 missing.discard(seq_of(s.data))
         return got
+
+    def count_drops(self) -> int:
+        """Frames the kernel dropped because this tap's buffer was full, in total so far."""
+        _packets, drops = struct.unpack("=II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.dropped += drops
+        return self.dropped
 
     def close(self) -> None:
         self.sock.close()

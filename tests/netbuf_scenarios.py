@@ -22,9 +22,8 @@ from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from netbuf_packets import KINDS, Sender, Tap, frame, seq_of  # noqa: E402
+from tests.netbuf_packets import KINDS, Sender, Tap, frame, seq_of  # noqa: E402
 
 from remus.errors import NetbufError, NetbufUnavailable  # noqa: E402
 from remus.netbuf import devices_for, tc  # noqa: E402

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from netbuf_fakes import FakeKernel
+from tests.netbuf_fakes import FakeKernel
 
 from remus.netbuf.cleanup import Outcome, clean_stale
 from remus.netbuf.netlink import RtnlSocket

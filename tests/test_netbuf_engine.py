@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import pytest
-from netbuf_fakes import FakeKernel
+from tests.netbuf_fakes import FakeKernel
 
 from remus.clock import FakeClock, StopFlag
 from remus.devices import CheckpointDevice

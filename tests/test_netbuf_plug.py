@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from netbuf_fakes import FakeKernel, KernelError
+from tests.netbuf_fakes import FakeKernel, KernelError
 
 from remus.errors import NetbufError, NetbufUnavailable
 from remus.netbuf import devices_for, plug_limit_bytes
