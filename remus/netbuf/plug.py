@@ -18,8 +18,9 @@ guest's output waits in the plug.  The engine then drives it::
 ``release`` (on every exit path, and idempotent) and the cleanup of a dead
 owner's leftovers run ``teardown``: TCQ_PLUG_RELEASE_INDEFINITE first, so
 nothing stays held, then the redirect and the ingress qdisc go (new frames
-bypass the IFB), the plug is given a moment to drain, and the plug and the
-IFB are deleted.  Only what the record says was done is undone.
+bypass the IFB), then, once the plug and the IFB have handed back every
+frame they held, both are deleted.  Only what the record says was done is
+undone; a record whose teardown failed stays for ``remus-netbuf-cleanup``.
 
 Kernel errors become ``NetbufUnavailable`` (this host cannot buffer: no
 sch_plug, no ifb, not root) or ``NetbufError`` (this interface cannot be
@@ -63,7 +64,6 @@ _ROOT_WORDS = (
 
 #: (install step, errno) -> (exception, message); {vif} and {ifb} are filled in.
 _ERROR_WORDS: dict[tuple[str, int], tuple[type[NetbufError], str]] = {
-    ("lookup", errno.ENODEV): (NetbufError, "interface {vif} does not exist (has the domain's vif gone?)"),
     ("ifb", errno.EOPNOTSUPP): (
         NetbufUnavailable,
         "this kernel cannot create IFB devices, which network buffering needs: "
@@ -159,19 +159,16 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
     """
     problems: list[str] = []
 
-    def attempt(what: str, fn: Callable[[], object]) -> bool:
+    def attempt(what: str, fn: Callable[[], object]) -> None:
         try:
             fn()
         except NetlinkError as exc:
             if exc.errno in _GONE:
                 log.debug("%s: %s already gone (%s)", record.vif, what, exc)
-                return True
-            problems.append(f"{what}: {exc}")
-            return False
+            else:
+                problems.append(f"{what}: {exc}")
         except (OSError, NetlinkDecodeError) as exc:
             problems.append(f"{what}: {exc}")
-            return False
-        return True
 
     ifb: Optional[tc.Link] = None
     if "ifb" in record.done:
@@ -182,22 +179,18 @@ def teardown(rtnl: RtnlSocket, record: Ownership, drain_timeout_s: float = DRAIN
         if ifb is not None and ifb.kind != "ifb":
             problems.append(f"{record.ifb} is a {ifb.kind or 'non-IFB'} device now, not remus's IFB: left alone")
             ifb = None
+    index = ifb.ifindex if ifb is not None else 0
     plugged = ifb is not None and "plug" in record.done
     if plugged:
-        assert ifb is not None
-        index = ifb.ifindex
         attempt("releasing the plug", lambda: rtnl.request(tc.plug(index, PlugAction.RELEASE_INDEFINITE)))
     if "redirect" in record.done:
         attempt("removing the redirect", lambda: rtnl.request(tc.del_redirect(record.vif_index)))
     if "ingress" in record.done:
         attempt("removing the ingress qdisc", lambda: rtnl.request(tc.del_ingress(record.vif_index)))
     if plugged:
-        assert ifb is not None
-        index = ifb.ifindex
         attempt("draining the plug", lambda: _wait_drained(rtnl, index, record.ifb, drain_timeout_s))
         attempt("deleting the plug", lambda: rtnl.request(tc.del_plug(index)))
     if ifb is not None:
-        index = ifb.ifindex
         attempt(f"deleting {record.ifb}", lambda: rtnl.request(tc.del_link(index)))
     if problems:
         raise NetbufError(f"cleaning up network buffering on {record.vif}: " + "; ".join(problems))
@@ -293,7 +286,9 @@ class PlugBuffer:
         """Let all held output go and remove everything ``install`` made; safe to repeat.
 
         Raises:
-            NetbufError: something could not be removed (the rest still was).
+            NetbufError: something could not be removed (the rest still was); the
+                ownership record stays, so ``remus-netbuf-cleanup`` can retry once
+                this process is gone.
         """
         try:
             if self._record is not None:
@@ -301,8 +296,10 @@ class PlugBuffer:
                 record, self._record = self._record, None
                 try:
                     teardown(self._rtnl, record, self._drain_timeout_s)
-                finally:
-                    self.store.remove(record.vif)
+                except NetbufError as exc:
+                    raise NetbufError(f"{exc} (once this remus has exited, 'remus-netbuf-cleanup "
+                                      f"{record.vif}' tries again)") from exc
+                self.store.remove(record.vif)
         finally:
             if self._rtnl is not None:
                 self._rtnl.close()
@@ -317,14 +314,14 @@ class PlugBuffer:
             raise NetbufUnavailable(f"cannot open a netlink socket for network buffering: {exc}") from exc
         link = self._kernel("lookup", lambda: lookup_link(rtnl, vif))
         if link is None:
-            raise translate("lookup", OSError(errno.ENODEV, "no such device"), vif)
+            raise NetbufError(f"interface {vif} does not exist (has the domain's vif gone?)")
         record = Ownership.mine(vif, link.ifindex, ifb_name(link.ifindex))
         self._claim(rtnl, record)
         self._record = record
         self._step("ifb", lambda: rtnl.request(tc.new_ifb(record.ifb)))
         ifb = self._kernel("ifb", lambda: lookup_link(rtnl, record.ifb))
         if ifb is None:
-            raise translate("ifb", OSError(errno.ENODEV, "vanished"), vif, record.ifb)
+            raise NetbufError(f"{record.ifb}, just created for {vif}, vanished")
         self._ifb_index = ifb.ifindex
         self._step("plug", lambda: rtnl.request(tc.new_plug(ifb.ifindex, self.limit_bytes)))
         self._step("ingress", lambda: rtnl.request(tc.new_ingress(link.ifindex)))
