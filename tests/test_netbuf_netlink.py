@@ -166,20 +166,6 @@ def test_sequence_numbers_increase() -> None:
     assert [struct.unpack_from("=I", m, 8)[0] for m in sock.sent] == [1, 2]
 
 
-def test_dump_collects_until_done_and_reports_a_failed_dump() -> None:
-    sock = ScriptedSocket()
-    part = lambda seq: netlink.nlmsg(36, netlink.NLM_F_MULTI, seq, b"q1")  # noqa: E731
-    done = lambda seq: netlink.nlmsg(NLMSG_DONE, netlink.NLM_F_MULTI, seq, struct.pack("=i", 0))  # noqa: E731
-    sock.script.append([part, lambda seq: part(seq) + done(seq)])
-    rtnl = RtnlSocket(sock)
-    assert len(rtnl.dump(Request(38, 1, b""))) == 2
-    assert struct.unpack_from("=H", sock.sent[0], 6)[0] & netlink.NLM_F_DUMP == netlink.NLM_F_DUMP
-    sock.script.append([lambda seq: netlink.nlmsg(NLMSG_DONE, 0, seq, struct.pack("=i", -errno.EINTR))])
-    with pytest.raises(NetlinkError) as info:
-        rtnl.dump(Request(38, 1, b""))
-    assert info.value.errno == errno.EINTR
-
-
 def test_overrun_is_an_error() -> None:
     sock = ScriptedSocket()
     sock.script.append([lambda seq: netlink.nlmsg(NLMSG_OVERRUN, 0, seq, b"")])

@@ -8,8 +8,8 @@ an error.  Everything is packed in host byte order with an explicit ``=``,
 as the kernel reads it.
 
 The second half, ``RtnlSocket``, sends one request at a time, always with
-``NLM_F_ACK``, and reads until the kernel's ACK (or the end of a dump) for
-that request's sequence number; an error ACK becomes ``NetlinkError``
+``NLM_F_ACK``, and reads until the kernel's ACK for that request's sequence
+number; an error ACK becomes ``NetlinkError``
 carrying the errno and the kernel's extended-ACK text ("Specified qdisc kind
 is unknown").  It takes any object with ``send``/``recv``/``close`` in place
 of a real socket, so tests can record and answer messages.
@@ -33,9 +33,6 @@ NLM_F_REQUEST = 0x01
 NLM_F_MULTI = 0x02
 NLM_F_ACK = 0x04
 NLM_F_ECHO = 0x08
-NLM_F_ROOT = 0x100
-NLM_F_MATCH = 0x200
-NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
 NLM_F_REPLACE = 0x100  # modifiers of NEW requests
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -266,9 +263,9 @@ class RtnlSocket:
     """One request at a time to the kernel's rtnetlink, each answered before the next.
 
     ``request`` raises ``NetlinkError`` for an error ACK and returns the
-    messages that came back before the ACK (the answer to a GET).  ``dump``
-    collects a dump up to NLMSG_DONE.  Messages with another sequence number
-    (left from an interrupted request) are skipped.
+    messages that came back before the ACK (the answer to a GET).  Messages
+    with another sequence number (left from an interrupted request) are
+    skipped.  Dumps are not supported: remus only asks for single objects.
     """
 
     def __init__(self, sock: Optional[RawSocket] = None) -> None:
@@ -295,16 +292,6 @@ class RtnlSocket:
             NetlinkDecodeError: the kernel's answer is malformed.
             OSError: the socket failed (``TimeoutError`` after the socket's timeout).
         """
-        return self._exchange(req, until_done=False)
-
-    def dump(self, req: Request) -> list[tuple[NlMsgHdr, bytes]]:
-        """Send ``req`` with NLM_F_DUMP and collect every message up to NLMSG_DONE.
-
-        Raises: as ``request``.
-        """
-        return self._exchange(req._replace(flags=req.flags | NLM_F_DUMP), until_done=True)
-
-    def _exchange(self, req: Request, until_done: bool) -> list[tuple[NlMsgHdr, bytes]]:
         if self._sock is None:
             raise ValueError("RtnlSocket used after close()")
         self._seq = (self._seq % 0xFFFFFFFF) + 1
@@ -320,15 +307,7 @@ class RtnlSocket:
                     ack = parse_error(hdr.nlmsg_flags, payload)
                     if ack.error:
                         raise NetlinkError(ack.error, name, ack.ext_msg)
-                    if not until_done:
-                        return answers
-                elif hdr.nlmsg_type == NLMSG_DONE:
-                    code = NLMSGERR_ERROR.unpack_from(payload)[0] if len(payload) >= 4 else 0
-                    if code < 0:
-                        raise NetlinkError(-code, name, "dump failed")
-                    if until_done:
-                        return answers
-                elif hdr.nlmsg_type == NLMSG_OVERRUN:
+                    return answers
+                if hdr.nlmsg_type == NLMSG_OVERRUN:
                     raise NetlinkError(errno.ENOBUFS, name, "netlink overrun")
-                else:
-                    answers.append((hdr, payload))
+                answers.append((hdr, payload))
