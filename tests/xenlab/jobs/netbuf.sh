@@ -22,6 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LAB="python3 $PWD/tests/xenlab/netbuf_lab.py"
 CLEANUP="python3 $PWD/bin/remus-netbuf-cleanup"
 FAILED=0
+GUEST=netbuf-guest   # not the lab's "domu", which other jobs use
 result() { echo "RESULT $1 $2 $3"; [ "$2" != FAIL ] || FAILED=1; }
 now() { date +%s.%N; }
 marker() { printf '{"event": "%s", "unix": %s}\n' "$2" "$(now)" >> "$1"; }
@@ -171,22 +172,23 @@ while true; do echo "domU alive"; sleep 5; done
 EOF
     chmod +x $g/root/init
     (cd $g/root && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > $g/initrd.gz || return 1
-    sed -e "s|^ramdisk.*|ramdisk = \"$g/initrd.gz\"|" /var/lib/xenlab/domu.cfg > $g/domu.cfg
+    sed -e "s|^ramdisk.*|ramdisk = \"$g/initrd.gz\"|" -e "s|^name.*|name = \"$GUEST\"|" \
+        /var/lib/xenlab/domu.cfg > $g/domu.cfg
     echo "vif = [ 'bridge=xenbr0,mac=00:16:3e:5e:00:02' ]" >> $g/domu.cfg
     ip link show xenbr0 >/dev/null 2>&1 || {
         ip link add xenbr0 type bridge && ip addr add 10.99.0.1/24 dev xenbr0 &&
         ip -6 addr add fd99::1/64 dev xenbr0 nodad && ip link set xenbr0 up; } || return 1
     xl create $g/domu.cfg > $g/create.log 2>&1 || { cat $g/create.log; return 1; }
     for _ in $(seq 120); do
-        grep -q "domU: net up" /var/log/xen/console/guest-domu.log 2>/dev/null && return 0
+        grep -q "domU: net up" /var/log/xen/console/guest-$GUEST.log 2>/dev/null && return 0
         sleep 1
     done
-    echo "guest network did not come up"; tail -n 20 /var/log/xen/console/guest-domu.log; return 1
+    echo "guest network did not come up"; tail -n 20 /var/log/xen/console/guest-$GUEST.log; return 1
 }
 
 # the guest's vif name, found as remus finds it: xenstore through remus.netbuf.vif_names
 guest_vif() {
-    python3 - "$(xl domid domu)" <<'EOF'
+    python3 - "$(xl domid $GUEST)" <<'EOF'
 import subprocess, sys
 from remus.netbuf import present_interfaces, vif_names
 def read(path):
@@ -203,17 +205,17 @@ guest_run() {
     name=$1 how=$2
     d=$OUT/$name; mkdir -p "$d"; rm -f "$d"/*
     vif=$(guest_vif 2> "$d/vif.log")
-    expected=vif$(xl domid domu).0
+    expected=vif$(xl domid $GUEST).0
     if [ "$vif" = "$expected" ]; then result "$name-vif-names" PASS "xenstore -> $vif (confirmed with netifaces)"
     else result "$name-vif-names" FAIL "got '$vif', expected $expected: $(cat "$d/vif.log")"; return; fi
-    xenstore-ls "/local/domain/0/backend/vif/$(xl domid domu)/0" > "$d/backend.txt" 2>&1
+    xenstore-ls "/local/domain/0/backend/vif/$(xl domid $GUEST)/0" > "$d/backend.txt" 2>&1
     $LAB sniff --pre "$vif" --post xenbr0 --out "$d/sniff.jsonl" --markers "$d/markers.jsonl" & sniffer=$!
     wait_for "$d/markers.jsonl" sniffing
-    $LAB protect --xl domu --vif "$vif" --stats "$d/stats.jsonl" --markers "$d/markers.jsonl" \
+    $LAB protect --xl $GUEST --vif "$vif" --stats "$d/stats.jsonl" --markers "$d/markers.jsonl" \
         --interval-ms 200 --ack-delay-ms 30 2> "$d/protect.log" & protect=$!
     wait_for "$d/markers.jsonl" installed
     sleep 15
-    finish "$name" "$how" "$d" $protect "" "$vif" xl unpause domu
+    finish "$name" "$how" "$d" $protect "" "$vif" xl unpause $GUEST
     sleep 2
     stop TERM $sniffer
     judge "$name" "$how" "$d" "" "$vif" --kinds icmp,ipv6 --flow-bound-s 1.0
@@ -221,13 +223,13 @@ guest_run() {
 
 if has guest || has guest-kill; then
     if guest_up > "$OUT/guest-up.log" 2>&1; then
-        result netbuf-guest-nic PASS "busybox PV guest with netfront on xenbr0: $(grep 'domU: net up' /var/log/xen/console/guest-domu.log | head -n 1)"
+        result netbuf-guest-nic PASS "busybox PV guest with netfront on xenbr0: $(grep 'domU: net up' /var/log/xen/console/guest-$GUEST.log | head -n 1)"
         has guest && guest_run netbuf-guest term
         has guest-kill && guest_run netbuf-guest-kill kill
     else
         result netbuf-guest-nic FAIL "$(tail -n 3 "$OUT/guest-up.log" | tr '\n' ' ')"
     fi
-    xl destroy domu 2>/dev/null
+    xl destroy $GUEST 2>/dev/null
     ip link del xenbr0 2>/dev/null
 fi
 
