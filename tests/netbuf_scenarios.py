@@ -39,6 +39,8 @@ def sh(command: str) -> str:
 
 
 def veth() -> None:
+    # No IPv6 of the namespace's own (router solicitations, MLD reports): only the test's frames flow.
+    sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
     sh("ip link set lo up; ip link add va type veth peer name vb; ip link add br0 type bridge; "
        "ip link set vb master br0; for d in va vb br0; do ip link set $d up; done")
 

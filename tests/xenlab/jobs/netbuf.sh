@@ -80,8 +80,8 @@ finish() {
         stop TERM "$pid"; echo "protect exit status $?" >> "$d/protect.log"
         return
     fi
-    marker "$d/markers.jsonl" killed
     stop KILL "$pid"
+    marker "$d/markers.jsonl" killed   # after the kill: (date is slow under TCG) frames after it met no remus
     "$@" 2>/dev/null
     sleep 2
     marker "$d/markers.jsonl" cleaning
