@@ -201,13 +201,13 @@ class FakeKernel:
         action, limit = tc.TC_PLUG_QOPT.unpack(attrs[tc.TCA_OPTIONS])
         queue = self.plugs[ifindex]
         act = PlugAction(action)
+        self.log.append(("plug", act.name))   # before the packets it lets out
         {
             PlugAction.BUFFER: queue.plug,
             PlugAction.RELEASE_ONE: queue.release_one,
             PlugAction.RELEASE_INDEFINITE: queue.release_all,
             PlugAction.LIMIT: lambda: self.limits.__setitem__(ifindex, limit),
         }[act]()
-        self.log.append(("plug", act.name))
         return []
 
     def _filter(self, name: str, payload: bytes) -> List[Tuple[int, bytes]]:

@@ -2,111 +2,38 @@
 PlugBuffer (on the fake kernel).  Each must give: BUFFER at postsuspend -> send -> ack -> RELEASE_ONE,
 no packet out before the ack of the checkpoint that closed its epoch, and everything out on every exit.
 
-The fake guest emits packet 0 when the channel opens (before the first checkpoint), packet 10n just
-before its n-th suspend (epoch n) and packet 10n+1 during capture n (a frame still in flight when the
-plug closed epoch n, so it belongs to epoch n+1).
+The fake guest emits packet 0 once buffering is installed (before the first checkpoint), packet 10n
+just before its n-th suspend (epoch n) and packet 10n+1 during capture n (a frame still in flight
+when the plug closed epoch n, so it belongs to epoch n+1).  Released packets are logged as "out P".
 """
 
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pytest
-from tests.netbuf_fakes import FakeKernel
 
 from remus.clock import FakeClock, StopFlag
 from remus.devices import CheckpointDevice
-from remus.domain import Capture, DomainInfo
 from remus.engine import Engine
 from remus.errors import BackupLost, CheckpointError, DomainError
 from remus.netbuf.netlink import RtnlSocket
 from remus.netbuf.plug import PlugBuffer
 from remus.sim.output import PlugQueue, SimOutputBuffer
-from remus.stream.records import Checkpoint
-from remus.stream.sender import EncodedCheckpoint
+from tests.helpers import CallLog, FakeChannel, FakeDomain, Fault, stop_after
+from tests.netbuf_fakes import FakeKernel
 
-Event = Tuple[object, ...]
 Emit = Callable[[List[int]], None]
 
 
 def epoch_of(packet: int) -> int:
-    if packet == 0:
-        return 1
-    return packet // 10 + (packet % 10)
-
-
-class FakeDomain:
-    def __init__(self, events: List[Event], emit: Emit, fail_capture_at: Optional[int] = None) -> None:
-        self.events = events
-        self.emit = emit
-        self.fail_capture_at = fail_capture_at
-        self.n = 0
-        self._suspended = False
-
-    @property
-    def info(self) -> DomainInfo:
-        return DomainInfo("fake", "guest")
-
-    @property
-    def suspended(self) -> bool:
-        return self._suspended
-
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
-        return []
-
-    def suspend(self) -> None:
-        self.n += 1
-        self.emit([10 * self.n])
-        self._suspended = True
-        self.events.append(("suspend", self.n))
-
-    def capture(self) -> Capture:
-        self.emit([10 * self.n + 1])
-        self.events.append(("capture", self.n))
-        if self.n == self.fail_capture_at:
-            raise DomainError("capture failed on purpose")
-        return Capture([Checkpoint()], 0)
-
-    def resume(self) -> None:
-        self._suspended = False
-        self.events.append(("resume", self.n))
-
-    def close(self) -> None:
-        pass
-
-
-class FakeChannel:
-    def __init__(self, events: List[Event], emit: Emit, stop: StopFlag, stop_after: int,
-                 lose_backup_at: Optional[int] = None) -> None:
-        self.events, self.emit, self.stop = events, emit, stop
-        self.stop_after, self.lose_backup_at = stop_after, lose_backup_at
-
-    def open(self, opening: bytes) -> None:
-        self.emit([0])
-        self.events.append(("open",))
-
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
-        self.events.append(("send", checkpoint.seq))
-
-    def wait_for_ack(self, seq: int) -> None:
-        if seq == self.lose_backup_at:
-            self.events.append(("backup lost", seq))
-            raise BackupLost("backup went away")
-        self.events.append(("ack", seq))
-        if seq == self.stop_after:
-            self.stop.set("SIGTERM")   # as the signal handler does
-
-    def close(self, message: str) -> None:
-        self.events.append(("close",))
-
-    def abort(self) -> None:
-        self.events.append(("abort",))
+    return 1 if packet == 0 else packet // 10 + packet % 10
 
 
 class Logged:
-    """A device wrapper that records each hook in the event list before calling it."""
+    """The buffer under test, its hooks logged as "buffer.<hook>"; packet 0 goes out after install."""
 
-    def __init__(self, inner: CheckpointDevice, events: List[Event]) -> None:
-        self.inner, self.events = inner, events
+    def __init__(self, inner: CheckpointDevice, log: CallLog, emit: Emit) -> None:
+        self.inner, self.log, self.emit = inner, log, emit
 
     @property
     def name(self) -> str:
@@ -114,21 +41,21 @@ class Logged:
 
     def install(self) -> None:
         self.inner.install()
+        self.emit([0])
 
     def postsuspend(self) -> None:
-        self.events.append(("postsuspend",))
+        self.log.append("buffer.postsuspend")
         self.inner.postsuspend()
 
     def preresume(self) -> None:
-        self.events.append(("preresume",))
         self.inner.preresume()
 
     def commit(self) -> None:
-        self.events.append(("commit",))
+        self.log.append("buffer.commit")
         self.inner.commit()
 
     def release(self) -> None:
-        self.events.append(("release",))
+        self.log.append("buffer.release")
         self.inner.release()
 
 
@@ -137,13 +64,14 @@ class NoNic:
         pass
 
 
-def sim_buffer(events: List[Event], tmp_path: Path) -> Tuple[CheckpointDevice, Emit, Optional[FakeKernel]]:
-    queue = PlugQueue(lambda pkts: events.append(("out", tuple(pkts))))
+def sim_buffer(log: CallLog, tmp_path: Path) -> Tuple[CheckpointDevice, Emit, Optional[FakeKernel]]:
+    queue = PlugQueue(lambda pkts: log.extend(f"out {p}" for p in pkts))
     return SimOutputBuffer(queue, NoNic(), buffering=True), queue.enqueue, None  # type: ignore[arg-type]
 
 
-def plug_buffer(events: List[Event], tmp_path: Path) -> Tuple[CheckpointDevice, Emit, Optional[FakeKernel]]:
-    kernel = FakeKernel(deliver=lambda pkts: events.append(("out", tuple(pkts))), log=events)
+def plug_buffer(log: CallLog, tmp_path: Path) -> Tuple[CheckpointDevice, Emit, Optional[FakeKernel]]:
+    kernel = FakeKernel(deliver=lambda pkts: log.extend(f"out {p}" for p in pkts))
+    kernel.log = log   # the kernel's ("plug", "BUFFER") entries land in the same order
     device = PlugBuffer("vif1.0", limit_bytes=10_000_000, state_dir=str(tmp_path),
                         rtnl_factory=lambda: RtnlSocket(kernel))
     return device, lambda pkts: kernel.inject("vif1.0", pkts), kernel
@@ -152,83 +80,95 @@ def plug_buffer(events: List[Event], tmp_path: Path) -> Tuple[CheckpointDevice, 
 BUFFERS = [pytest.param(sim_buffer, id="sim-PlugQueue"), pytest.param(plug_buffer, id="PlugBuffer")]
 
 
-def run(make, tmp_path: Path, *, checkpoints: int = 4, lose_backup_at: Optional[int] = None,
-        fail_capture_at: Optional[int] = None):
-    events: List[Event] = []
-    device, emit, kernel = make(events, tmp_path)
-    stop = StopFlag()
-    domain = FakeDomain(events, emit, fail_capture_at)
-    channel = FakeChannel(events, emit, stop, checkpoints, lose_backup_at)
-    engine = Engine(domain, channel, interval_ms=100, devices=[Logged(device, events)],  # type: ignore[arg-type]
-                    clock=FakeClock(), stop=stop)
+def run(make, tmp_path: Path, *, checkpoints: int = 4, fault: Optional[Fault] = None):
+    log = CallLog()
+    device, emit, kernel = make(log, tmp_path)
+
+    def guest(what: str, seq: int) -> None:
+        if what == "suspend":
+            emit([10 * seq])
+        elif what == "capture":
+            emit([10 * seq + 1])
+
+    clock, stop = FakeClock(), StopFlag()
+    domain_fault = fault if fault and fault.where.startswith("domain.") else None
+    channel_fault = fault if fault and fault.where.startswith("channel.") else None
+    domain = FakeDomain(log, clock, fault=domain_fault, on_call=guest)
+    engine = Engine(domain, FakeChannel(log, clock, fault=channel_fault), interval_ms=100,
+                    devices=[Logged(device, log, emit)], clock=clock, stop=stop,
+                    on_checkpoint=stop_after(stop, checkpoints))
     error: Optional[BaseException] = None
     try:
         engine.run()
     except (BackupLost, CheckpointError) as exc:
         error = exc
-    return events, error, kernel, domain.n
+    return log, error, kernel
 
 
-def out_packets(events: List[Event]) -> List[int]:
-    return [p for e in events if e[0] == "out" for p in e[1]]  # type: ignore[union-attr]
+def nth(log: CallLog, entry: object, n: int) -> int:
+    """Index of the n-th (1-based) occurrence of ``entry``."""
+    return [i for i, e in enumerate(log) if e == entry][n - 1]
 
 
-def check_no_early_release(events: List[Event]) -> None:
+def out(log: List[object]) -> List[int]:
+    return [int(e[4:]) for e in log if isinstance(e, str) and e.startswith("out ")]
+
+
+def check_no_early_release(log: CallLog) -> None:
     """No packet leaves before the ack of its epoch, unless released on the way out."""
-    release = events.index(("release",))
-    for i, event in enumerate(events):
-        if event[0] != "out" or i > release:
-            continue
-        for packet in event[1]:  # type: ignore[union-attr]
-            assert ("ack", epoch_of(packet)) in events[:i], f"packet {packet} out before ack {epoch_of(packet)}"
+    release = log.index("buffer.release")
+    for i, entry in enumerate(log[:release]):
+        if isinstance(entry, str) and entry.startswith("out "):
+            epoch = epoch_of(int(entry[4:]))
+            assert log[:i].count("channel.ack") >= epoch, f"{entry} before ack {epoch}"
 
 
 @pytest.mark.parametrize("make", BUFFERS)
 def test_epoch_order_and_release_on_stop(make, tmp_path: Path) -> None:
-    events, error, kernel, n = run(make, tmp_path, checkpoints=4)
-    assert error is None and n == 4
+    log, error, kernel = run(make, tmp_path, checkpoints=4)
+    assert error is None
+    steps = [e for e in log if e in ("domain.suspend", "buffer.postsuspend", "domain.capture", "domain.resume",
+                                     "channel.send", "channel.ack", "buffer.commit")]
+    assert steps == ["domain.suspend", "buffer.postsuspend", "domain.capture", "domain.resume",
+                     "channel.send", "channel.ack", "buffer.commit"] * 4
     for k in range(1, 5):
-        window = events[events.index(("suspend", k)):]
-        steps = [e for e in window if e[0] in ("suspend", "postsuspend", "capture", "preresume", "resume",
-                                               "send", "ack", "commit")][:8]
-        assert [s[0] for s in steps] == ["suspend", "postsuspend", "capture", "preresume", "resume",
-                                         "send", "ack", "commit"]
-        assert steps[5] == ("send", k) and steps[6] == ("ack", k)
-        # packet 10k (sent just before suspend k) is in the first release after ack k
-        out_after_commit = events[events.index(("ack", k)) + 1:]
-        first_out = next(e for e in out_after_commit if e[0] == "out")
-        assert 10 * k in first_out[1]  # type: ignore[operator]
-    check_no_early_release(events)
-    assert sorted(out_packets(events)) == sorted([0] + [p for k in range(1, 5) for p in (10 * k, 10 * k + 1)])
-    assert events.index(("close",)) < events.index(("release",))
+        # packet 10k, sent just before suspend k, is in the release that follows ack k, not earlier
+        commit = nth(log, "buffer.commit", k)
+        next_suspend = nth(log, "domain.suspend", k + 1) if k < 4 else log.index("buffer.release")
+        assert 10 * k in out(log[commit:next_suspend])
+    check_no_early_release(log)
+    assert sorted(out(log)) == [0] + [p for k in range(1, 5) for p in (10 * k, 10 * k + 1)]
+    assert log.index("channel.close") < log.index("buffer.release")
     if kernel is not None:
         assert kernel.leftovers() == set()
-        plug_actions = [e[1] for e in events if e[0] == "plug"]
-        assert plug_actions == ["BUFFER", "RELEASE_ONE"] * 4 + ["RELEASE_INDEFINITE"]
-        for k in range(4):   # the kernel saw BUFFER right at postsuspend and RELEASE_ONE right at commit
-            assert events[events.index(("suspend", k + 1)) + 2] == ("plug", "BUFFER")
+        plug = [e[1] for e in log if isinstance(e, tuple) and e[0] == "plug"]
+        assert plug == ["BUFFER", "RELEASE_ONE"] * 4 + ["RELEASE_INDEFINITE"]
+        for k in range(1, 5):   # the kernel saw BUFFER at postsuspend and RELEASE_ONE at commit
+            assert log[nth(log, "buffer.postsuspend", k) + 1] == ("plug", "BUFFER")
+            assert log[nth(log, "buffer.commit", k) + 1] == ("plug", "RELEASE_ONE")
 
 
 @pytest.mark.parametrize("make", BUFFERS)
 def test_backup_lost_releases_everything(make, tmp_path: Path) -> None:
-    events, error, kernel, _n = run(make, tmp_path, checkpoints=9, lose_backup_at=3)
+    log, error, kernel = run(make, tmp_path, checkpoints=9, fault=Fault("channel.ack", BackupLost("gone"), seq=3))
     assert isinstance(error, BackupLost)
-    check_no_early_release(events)
-    lost = events.index(("backup lost", 3))
-    assert 30 not in out_packets(events[:lost])           # epoch 3 was never acknowledged...
-    assert {0, 10, 11, 20, 21, 30, 31} == set(out_packets(events))   # ...but is let go on the way out
-    assert events.index(("abort",)) > events.index(("release",))
+    check_no_early_release(log)
+    lost = nth(log, "channel.ack", 3)
+    assert 30 not in out(log[:lost])                  # epoch 3 was never acknowledged...
+    assert set(out(log)) == {0, 10, 11, 20, 21, 30, 31}   # ...but is let go on the way out
+    assert log.index("buffer.release") < log.index("channel.abort")
     if kernel is not None:
         assert kernel.leftovers() == set()
 
 
 @pytest.mark.parametrize("make", BUFFERS)
 def test_failed_checkpoint_releases_everything(make, tmp_path: Path) -> None:
-    events, error, kernel, _n = run(make, tmp_path, checkpoints=9, fail_capture_at=2)
+    fault = Fault("domain.capture", DomainError("capture failed on purpose"), seq=2)
+    log, error, kernel = run(make, tmp_path, checkpoints=9, fault=fault)
     assert isinstance(error, CheckpointError) and error.phase == "capture"
-    check_no_early_release(events)
-    assert ("commit",) not in events[events.index(("suspend", 2)):]
-    assert set(out_packets(events)) == {0, 10, 11, 20, 21}
-    assert events.index(("resume", 2)) < events.index(("release",))
+    check_no_early_release(log)
+    assert "buffer.commit" not in log[nth(log, "domain.suspend", 2):]
+    assert set(out(log)) == {0, 10, 11, 20, 21}
+    assert nth(log, "domain.resume", 2) < log.index("buffer.release")
     if kernel is not None:
         assert kernel.leftovers() == set()
