@@ -62,10 +62,11 @@ class Domain(Protocol):
     def suspended(self) -> bool:
         """True between a successful ``suspend`` and the next ``resume``."""
 
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
-        """The domain's own checkpointed devices (its output buffers).
+    def devices(self, net_buffering: bool, interval_ms: int) -> Sequence[CheckpointDevice]:
+        """The domain's own checkpointed devices (its output buffers), disks first.
 
         With ``net_buffering`` False the domain's output must pass unbuffered.
+        ``interval_ms`` lets a buffer size itself for one epoch's output.
         """
 
     def suspend(self) -> None:

@@ -133,6 +133,7 @@ class Engine:
         t_suspend = clock.now()
         self._step("suspend", seq, self.domain.suspend)
         self._step("postsuspend", seq, self.devices.postsuspend)
+        wall_buffered = time.time()
         capture = self._step("capture", seq, self.domain.capture)
         self._step("preresume", seq, self.devices.preresume)
         self._step("resume", seq, self.domain.resume)
@@ -156,6 +157,7 @@ class Engine:
             period_ms=period,
             overruns=self.pacer.overruns,
             suspended_unix=wall_suspend,
+            buffered_unix=wall_buffered,
             acked_unix=wall_acked,
         )
         self._summary.add(stats)

@@ -58,7 +58,7 @@ def run(settings: Settings) -> int:
                     interval_ms=settings.interval_ms,
                     timer=settings.timer,
                     compression=settings.compression,
-                    devices=list(domain.devices(settings.net_buffering)),
+                    devices=list(domain.devices(settings.net_buffering, settings.interval_ms)),
                     session={
                         "interval_ms": settings.interval_ms,
                         "compression": settings.compression,

@@ -17,9 +17,11 @@ class CheckpointStats:
     the start of sending to the backup's ack; ``period_ms``: since the
     previous checkpoint's suspend (None for the first); ``raw_bytes`` /
     ``wire_bytes``: the checkpoint framed without / with compression;
-    ``overruns``: ``--timer`` grid points missed so far.  ``suspended_unix``
-    and ``acked_unix`` are wall-clock times (``time.time()``) of the suspend
-    and of the ack, for matching against packet captures.
+    ``overruns``: ``--timer`` grid points missed so far.  ``suspended_unix``,
+    ``buffered_unix`` and ``acked_unix`` are wall-clock times (``time.time()``)
+    when the suspend began, when the devices' postsuspend (a new output
+    epoch) was done, and when the ack arrived, for matching against packet
+    captures: output seen before ``buffered_unix`` belongs to this checkpoint.
     """
 
     seq: int
@@ -31,6 +33,7 @@ class CheckpointStats:
     period_ms: Optional[float]
     overruns: int
     suspended_unix: float = 0.0
+    buffered_unix: float = 0.0
     acked_unix: float = 0.0
 
     def to_json(self) -> dict[str, Any]:

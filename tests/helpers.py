@@ -61,7 +61,7 @@ class FakeDomain:
     def suspended(self) -> bool:
         return self._suspended
 
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
+    def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
         return []
 
     def suspend(self) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import pytest
 
 from remus.errors import DomainError, DomainNotFound
-from remus.xen.store import DomainRef, disks, resolve_domain, suspend_event_channel, vifs
+from remus.xen.store import DomainRef, disks, resolve_domain, suspend_event_channel
 
 
 class FakeStore:
@@ -63,8 +63,7 @@ def test_dom0_is_refused(spec: str) -> None:
 
 def test_devices() -> None:
     assert disks(STORE, 3) == ["xvda", "vbd 51728"]
-    assert vifs(STORE, 3) == ["vif3.0", "vif3.1"]
-    assert disks(STORE, 12) == [] and vifs(STORE, 12) == []
+    assert disks(STORE, 12) == []
 
 
 def test_suspend_event_channel() -> None:

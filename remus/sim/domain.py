@@ -157,7 +157,7 @@ class SimulatedDomain:
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc else None
 
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
+    def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
         return [SimOutputBuffer(self.queue, self.nic, buffering=net_buffering)]
 
     def suspend(self) -> None:

@@ -19,8 +19,8 @@ hypervisor, not its own bookkeeping, whether the guest is suspended.
 ``assemble`` builds one from open handles: it resolves the domain argument,
 refuses what cannot be protected (dom0, HVM guests, a guest that is not
 running) and picks the suspender.  Disks are not replicated by this project:
-a domain with disks gets one warning naming them.  Network buffering of a Xen domain's vifs is not part of this
-module (``devices`` returns no device and warns when it would be needed).
+a domain with disks gets one warning naming them.  ``devices`` holds the
+guest's network output through ``remus.netbuf`` (one plug per vif).
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ class FullStore(Store, xs.StoreReader, StoreForSuspend, Protocol):
     """What ``assemble`` needs of xenstore: reads, the suspend request, the watch."""
 
 
+#: ``(net_buffering, interval_ms) -> devices``: a domain's network output buffers.
+NetDevices = Callable[[bool, int], Sequence[CheckpointDevice]]
+
+
 class XenDomain:
     """A Xen PV guest under protection (see the module docstring)."""
 
@@ -88,7 +92,7 @@ class XenDomain:
         saver: CheckpointSaver,
         *,
         details: Optional[dict[str, Any]] = None,
-        vifs: Sequence[str] = (),
+        net_devices: Optional[NetDevices] = None,
         suspend_timeout_s: float = SUSPEND_TIMEOUT_S,
     ) -> None:
         self.ref = ref
@@ -97,7 +101,7 @@ class XenDomain:
         self._suspender = suspender
         self._saver = saver
         self._details = dict(details or {}, domid=ref.domid, suspend=suspender.method)
-        self._vifs = list(vifs)
+        self._net_devices = net_devices
         self.suspend_timeout_s = suspend_timeout_s
         self._suspended = False
         self._closed = False
@@ -112,12 +116,11 @@ class XenDomain:
     def suspended(self) -> bool:
         return self._suspended
 
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
-        if net_buffering and self._vifs:
-            log.warning("network buffering of Xen vifs is not available yet: output of %s is not held "
-                        "back until the backup has the checkpoint (use --no-net to silence this)",
-                        ", ".join(self._vifs))
-        return []
+    def devices(self, net_buffering: bool, interval_ms: int) -> Sequence[CheckpointDevice]:
+        """One output plug per vif (none with ``net_buffering`` off).  Raises ``NetbufError``."""
+        if self._net_devices is None:
+            return []
+        return self._net_devices(net_buffering, interval_ms)
 
     def suspend(self) -> None:
         """Suspend the guest at libxc's request.  Raises ``DomainError``."""
@@ -212,7 +215,13 @@ def assemble(spec: str, store: FullStore, control: FullControl,
     if disks:
         log.warning("domain %s has disks that remus does not replicate: %s (not protected)",
                     ref.name, ", ".join(disks))
-    vifs = xs.vifs(store, ref.domid)
+
+    def net_devices(net_buffering: bool, interval_ms: int) -> Sequence[CheckpointDevice]:
+        from remus.netbuf import domain_devices
+
+        return domain_devices(store.read, store.directory, ref.domid,
+                              net_buffering=net_buffering, interval_ms=interval_ms)
+
     port = xs.suspend_event_channel(store, ref.domid)
     suspender: Suspender
     if port is not None:
@@ -226,5 +235,5 @@ def assemble(spec: str, store: FullStore, control: FullControl,
     return XenDomain(
         ref, control, store, suspender, saver,
         details={"dom_type": "pv", "max_memkb": state.max_memkb, "vcpus": state.vcpus},
-        vifs=vifs,
+        net_devices=net_devices,
     )

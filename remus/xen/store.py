@@ -5,7 +5,7 @@ waits on, ``xs_resume_domain``).  The functions below it only read, through
 the small ``StoreReader`` protocol, so they work on a fake store in tests:
 ``resolve_domain`` turns the command line's domain argument into an id and a
 name the way xm did (a numeric id, or a name looked up under
-``/local/domain``), and ``disks`` / ``vifs`` list a domain's devices.
+``/local/domain``), and ``disks`` lists a domain's disks.
 Nothing here suspends or resumes a guest.
 """
 
@@ -20,7 +20,7 @@ from remus.xen.lib import Binding
 
 
 class StoreReader(Protocol):
-    """The reads ``resolve_domain``, ``disks`` and ``vifs`` need."""
+    """The reads ``resolve_domain`` and ``disks`` need (and ``remus.netbuf.vif_names``)."""
 
     def read(self, path: str) -> Optional[str]:
         """The value at ``path``, or None if there is none."""
@@ -144,24 +144,16 @@ def _by_name(store: StoreReader, name: str, spec: str) -> DomainRef:
 
 
 def disks(store: StoreReader, domid: int) -> list[str]:
-    """The guest's virtual disks, by the name its backend gives them (``xvda``), else their id."""
-    return _devices(store, domid, "vbd", "dev", lambda devid: f"vbd {devid}")
+    """The guest's virtual disks, by the name its backend gives them (``xvda``), else ``vbd <devid>``.
 
-
-def vifs(store: StoreReader, domid: int) -> list[str]:
-    """The guest's network interfaces, by their dom0 backend name (``vif<domid>.<devid>``)."""
-    return _devices(store, domid, "vif", "vifname", lambda devid: f"vif{domid}.{devid}")
-
-
-def _devices(store: StoreReader, domid: int, kind: str, name_key: str,
-             fallback: Callable[[str], str]) -> list[str]:
-    """Each ``device/<kind>`` of the guest, named by its backend's ``name_key`` node."""
+    (A guest's network interfaces are ``remus.netbuf.vif_names``'s business.)
+    """
     names = []
-    base = f"/local/domain/{domid}/device/{kind}"
+    base = f"/local/domain/{domid}/device/vbd"
     for devid in store.directory(base):
         backend = store.read(f"{base}/{devid}/backend")
-        name = store.read(f"{backend}/{name_key}") if backend else None
-        names.append(name or fallback(devid))
+        name = store.read(f"{backend}/dev") if backend else None
+        names.append(name or f"vbd {devid}")
     return names
 
 

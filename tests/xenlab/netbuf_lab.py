@@ -90,7 +90,7 @@ class StandInDomain:
     def suspended(self) -> bool:
         return self._suspended
 
-    def devices(self, net_buffering: bool) -> Sequence[CheckpointDevice]:
+    def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
         return []
 
     def suspend(self) -> None:
