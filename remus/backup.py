@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 
 from remus.errors import RemoteProtocolError, RemusError, UsageError
 from remus.image import Image, Staging
-from remus.stream.codec import NEED_DATA, EndOfStream, StreamDecoder, padded_length
+from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
 from remus.stream.compression import PageDecompressor
 from remus.stream.records import (
     Ack,
@@ -143,10 +143,7 @@ class BackupSession:
         """
         self.decoder.receive_data(data)
         outputs: list[Output] = []
-        while True:
-            event = self.decoder.next_event()
-            if event is NEED_DATA:
-                return outputs
+        for event in self.decoder.events():
             if isinstance(event, EndOfStream):
                 self._staging = None
                 outputs.append(StreamEnded(event.partial_bytes))
@@ -155,6 +152,7 @@ class BackupSession:
             if not isinstance(event, allowed):
                 raise RemoteProtocolError(f"{type(event).__name__} record while {self.state.value}")
             outputs.extend(self._handle(event))
+        return outputs
 
     # -- events ------------------------------------------------------------------------
     def _handle(self, event: object) -> list[Output]:

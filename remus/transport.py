@@ -24,7 +24,7 @@ import time
 from typing import Callable, Optional
 
 from remus.errors import BackupLost, RemoteProtocolError, TransportError
-from remus.stream.codec import NEED_DATA, EndOfStream, StreamDecoder, encode_record
+from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
 from remus.stream.records import Ack, Close, CloseReason, Heartbeat, StreamHeader
 from remus.stream.sender import EncodedCheckpoint
 
@@ -256,10 +256,7 @@ class TcpChannel:
                 with self._cond:
                     self._last_heard = time.monotonic()
                 decoder.receive_data(data)
-                while True:
-                    event = decoder.next_event()
-                    if event is NEED_DATA:
-                        break
+                for event in decoder.events():
                     if isinstance(event, EndOfStream):
                         if not self._closing:
                             self._set_lost(f"the backup at {self.where} closed the connection")

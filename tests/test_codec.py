@@ -93,14 +93,7 @@ def stream_bytes() -> bytes:
 
 
 def drain(decoder: StreamDecoder) -> list[Any]:
-    events = []
-    while True:
-        event = decoder.next_event()
-        if event is NEED_DATA:
-            return events
-        events.append(event)
-        if isinstance(event, EndOfStream):
-            return events
+    return list(decoder.events())
 
 
 def expected_events() -> list[Any]:
@@ -197,6 +190,15 @@ def test_a_hostile_length_is_refused_before_its_body_arrives() -> None:
     with pytest.raises(RemoteProtocolError):
         decoder.next_event()
     assert decoder.buffered == 8  # nothing was allocated for the body
+
+
+def test_next_event_says_need_data_until_a_record_is_complete() -> None:
+    decoder = StreamDecoder()
+    decoder.receive_data(StreamHeader().encode() + encode_record(Ack(1))[:-1])
+    assert decoder.next_event() == StreamHeader()
+    assert decoder.next_event() is NEED_DATA
+    decoder.receive_data(encode_record(Ack(1))[-1:])
+    assert decoder.next_event() == Ack(1)
 
 
 def test_data_after_eof_is_a_caller_bug() -> None:

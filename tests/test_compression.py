@@ -7,7 +7,7 @@ from typing import Optional
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remus.stream.codec import NEED_DATA, StreamDecoder
+from remus.stream.codec import StreamDecoder
 from remus.stream.compression import PageCache, PageCompressor, PageDecompressor, xor_pages
 from remus.stream.records import (
     MAX_BATCH_PAGES,
@@ -115,10 +115,7 @@ def wire_records(encoder: CheckpointEncoder, records: list) -> list:
     encoded = encoder.encode(1, records)
     decoder = StreamDecoder()
     decoder.receive_data(StreamHeader().encode() + b"".join(encoded.chunks))
-    out = []
-    while (event := decoder.next_event()) is not NEED_DATA:
-        out.append(event)
-    return out[1:]
+    return list(decoder.events())[1:]
 
 
 def test_no_compression_really_sends_raw_pages() -> None:

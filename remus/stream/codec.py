@@ -20,7 +20,7 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterator, Union
 
 from remus.errors import RemoteProtocolError
 from remus.stream.records import (
@@ -199,6 +199,22 @@ class StreamDecoder:
         self._digest_records = 0
         self._digest_crc = 0
         return digest
+
+    def events(self) -> Iterator[Event]:
+        """Every event the buffered bytes complete, in order, ending with
+        ``EndOfStream`` once EOF was fed (``next_event`` until ``NEED_DATA``).
+
+        Raises:
+            RemoteProtocolError: as ``next_event``.
+        """
+        while True:
+            event = self.next_event()
+            if event is NEED_DATA:
+                return
+            assert not isinstance(event, _Sentinel)
+            yield event
+            if isinstance(event, EndOfStream):
+                return
 
     def _need(self) -> Union[_Sentinel, EndOfStream]:
         if self._eof:

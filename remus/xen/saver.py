@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Optional
 
 from remus.domain import Capture
 from remus.errors import DomainError, RemusError
-from remus.stream.codec import DEFAULT_MAX_RECORD_BYTES, NEED_DATA, EndOfStream, StreamDecoder, padded_length
+from remus.stream.codec import DEFAULT_MAX_RECORD_BYTES, EndOfStream, StreamDecoder, padded_length
 from remus.stream.records import Checkpoint, DomainHeader, PageData, Record
 
 log = logging.getLogger(__name__)
@@ -243,10 +243,7 @@ class CheckpointSaver:
         try:
             for data in record_chunks(self._ours):
                 decoder.receive_data(data)
-                while True:
-                    event = decoder.next_event()
-                    if event is NEED_DATA:
-                        break
+                for event in decoder.events():
                     if isinstance(event, EndOfStream):
                         return
                     self._add(event)  # type: ignore[arg-type]
