@@ -20,8 +20,8 @@ hypervisor, not its own bookkeeping, whether the guest is suspended.
 refuses what cannot be protected (dom0, HVM guests, a guest that is not
 running), reads the domain's libxl configuration (which the session header
 carries to the backup, so that it can recreate the domain) and picks the
-suspender.  Disks are not replicated by this project:
-a domain with disks gets one warning naming them.  Network buffering of a Xen domain's vifs is not part of this
+suspender.  Disks are not replicated by this project: a domain with disks
+gets one warning naming them.  Network buffering of a Xen domain's vifs is not part of this
 module (``devices`` returns no device and warns when it would be needed).
 """
 
@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
-from remus.stream.records import Session
 from remus.errors import DomainError, RemusError, XlError
+from remus.stream.records import Session
 from remus.xen import store as xs
 from remus.xen.control import DomInfo
 from remus.xen.saver import CheckpointSaver, SaveFunction
