@@ -75,3 +75,30 @@ def test_no_xl_on_this_host_is_said_plainly(tmp_path: Path, monkeypatch: pytest.
     session = committed()
     with pytest.raises(XlError, match="the xl command is not installed on this host"):
         restore_domain(session.info, session.image)
+
+
+def test_many_pages_go_through_in_several_writev_batches(fake_xl: Path) -> None:
+    session = committed()
+    image = session.image
+    image.pages.update({pfn: (pfn, bytes([pfn % 251]) * 4096) for pfn in range(64, 3000)})
+    restore_domain(session.info, image)
+    expected = b"".join(save_file(image, DomainConfig.parse(CONFIG)))
+    assert (fake_xl / "restored.bin").read_bytes() == expected
+
+
+def test_write_all_resumes_after_partial_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from remus.xen.restore import write_all
+
+    written = bytearray()
+
+    def writev(fd: int, views: list) -> int:  # at most 5 bytes a call, like a busy pipe
+        out = b"".join(bytes(v) for v in views)[:5]
+        written.extend(out)
+        return len(out)
+
+    monkeypatch.setattr(os, "writev", writev)
+    pieces = [b"abc", b"", b"defghijk", b"l", b"mnopqrstuvwxyz0123"]
+    write_all(99, pieces)
+    assert bytes(written) == b"".join(pieces)

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import IO, Any, Iterable, Mapping, Optional
+from typing import IO, Any, Iterable, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError, XlError
 from remus.image import Image
@@ -47,9 +47,12 @@ log = logging.getLogger(__name__)
 #: emulated dom0 needs minutes per GiB, and a deadline that kills a working restore loses the guest).
 RESTORE_TIMEOUT_S = 300.0
 RESTORE_TIMEOUT_S_PER_GIB = 240.0
-#: Pipe buffer asked for (Linux F_SETPIPE_SZ): fewer wake-ups of the feeding and the reading side.
-PIPE_BYTES = 1 << 20
+#: Pipe buffer asked for (Linux F_SETPIPE_SZ; beyond /proc/sys/fs/pipe-max-size only for root):
+#: room for a whole PAGE_DATA record, so fewer wake-ups of the feeding and the reading side.
+PIPE_BYTES = (4 << 20, 1 << 20)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: Pieces per writev (the kernel's UIO_MAXIOV).
+_IOV_MAX = 1024
 #: How long the feeding thread may take to notice that xl is gone.
 _FEEDER_JOIN_S = 30.0
 
@@ -94,10 +97,12 @@ def _run_xl_restore(name: str, chunks: Iterable[bytes], timeout_s: float) -> Non
         except OSError as exc:
             raise ActivationError(f"cannot run xl restore: {exc.strerror or exc}") from None
         assert proc.stdin is not None
-        try:
-            fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            pass  # a smaller pipe only means more wake-ups
+        for size in PIPE_BYTES:
+            try:
+                fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, size)
+                break
+            except OSError:
+                continue  # a smaller pipe only means more wake-ups
         feeder = _Feeder(proc.stdin, chunks)
         feeder.start()
         try:
@@ -127,7 +132,7 @@ def _run_xl_restore(name: str, chunks: Iterable[bytes], timeout_s: float) -> Non
 
 
 class _Feeder(threading.Thread):
-    """Writes the save file into xl's stdin, then closes it."""
+    """Writes the save file into xl's stdin, a batch of pieces per ``writev``, then closes it."""
 
     def __init__(self, pipe: IO[bytes], chunks: Iterable[bytes]) -> None:
         super().__init__(name="xl restore feeder", daemon=True)
@@ -138,10 +143,13 @@ class _Feeder(threading.Thread):
     def run(self) -> None:
         fd = self._pipe.fileno()
         try:
-            for chunk in self._chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+            batch: list[bytes] = []
+            for piece in self._chunks:
+                batch.append(piece)
+                if len(batch) == _IOV_MAX:
+                    write_all(fd, batch)
+                    batch = []
+            write_all(fd, batch)
         except BrokenPipeError:
             self.error = "xl stopped reading the save file"
         except OSError as exc:
@@ -151,6 +159,25 @@ class _Feeder(threading.Thread):
                 self._pipe.close()
             except OSError:
                 pass
+
+
+def write_all(fd: int, pieces: Sequence[bytes]) -> None:
+    """Write ``pieces`` (at most IOV_MAX of them) to ``fd`` with as few ``writev`` calls as it takes.
+
+    Raises:
+        OSError: a write failed (BrokenPipeError: the reader is gone).
+    """
+    views = [memoryview(piece) for piece in pieces if piece]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first:])
+        while written:
+            size = len(views[first])
+            if written < size:
+                views[first] = views[first][written:]
+                break
+            written -= size
+            first += 1
 
 
 def _kill(proc: "subprocess.Popen[bytes]") -> None:

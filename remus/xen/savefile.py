@@ -40,8 +40,8 @@ from remus.stream.codec import encode_record
 from remus.stream.records import (
     DHDR_TYPE_X86_PV,
     MAX_BATCH_PAGES,
+    PAGE_SIZE,
     DomainHeader,
-    PageData,
     XenRecord,
     XenRecType,
     record_type,
@@ -139,33 +139,41 @@ def check_restorable(image: Image) -> DomainHeader:
 
 
 def libxc_stream(image: Image) -> Iterator[bytes]:
-    """A PLAIN libxc v2 stream of the image, one record (or the headers) at a time.
+    """A PLAIN libxc v2 stream of the image, in pieces.
 
-    The image is checked at once; the records are built as they are asked for.
+    A piece is the headers, a whole non-page record, the head of a PAGE_DATA
+    record (record header, count, pfn words) or one page: the image's own
+    ``bytes``, never copied, so a writer can hand them to ``os.writev`` as
+    they are.  The image is checked at once; the pieces are made as they are
+    asked for.
 
     Raises:
         ActivationError: as ``check_restorable``.
     """
-    return _libxc_records(image, check_restorable(image))
+    return _libxc_pieces(image, check_restorable(image))
 
 
-def _libxc_records(image: Image, header: DomainHeader) -> Iterator[bytes]:
+def _libxc_pieces(image: Image, header: DomainHeader) -> Iterator[bytes]:
     yield header.encode_body()
     for record in image.static_records():
         yield encode_record(record)
     pfns = sorted(image.pages)
     for start in range(0, len(pfns), MAX_BATCH_PAGES):
         entries = [image.pages[pfn] for pfn in pfns[start : start + MAX_BATCH_PAGES]]
-        words = tuple(word for word, _data in entries)
-        datas = tuple(data for _word, data in entries if data is not None)
-        yield encode_record(PageData(words, datas))
+        datas = [data for _word, data in entries if data is not None]
+        # PAGE_DATA (see PageData): 8-octet aligned without padding, pages being 4096 octets.
+        count = len(entries)
+        head = struct.pack(f"<IIII{count}Q", XenRecType.PAGE_DATA, 8 + 8 * count + PAGE_SIZE * len(datas),
+                           count, 0, *(word for word, _data in entries))
+        yield head
+        yield from datas
     for record in image.state_records():
         yield encode_record(record)
     yield encode_record(XenRecord(XenRecType.END, b""))
 
 
 def save_file(image: Image, config: DomainConfig) -> Iterator[bytes]:
-    """The whole xl save file, in pieces of at most one libxc record.
+    """The whole xl save file, in pieces (see ``libxc_stream``).
 
     The image is checked at once; the records are built as they are asked for.
 

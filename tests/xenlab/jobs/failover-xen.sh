@@ -121,9 +121,10 @@ said=$(grep -c "activated xen:domu from checkpoint $seq (.* old); it runs as dom
 
 # The restored guest: running, under the name domu, printing its counter again.
 new_lines() { tail -n +$((lines_before + 1)) $DOMU_CONSOLE | sed -n 's/.*domU counter \([0-9]*\).*/\1/p'; }
-three_new_lines() { [ "$(new_lines | grep -c '')" -ge 3 ]; }
-wait_for 120 three_new_lines
+has_new_lines() { [ "$(new_lines | grep -c '')" -ge "$1" ]; }
+wait_for 120 has_new_lines 1
 printing_s=$(since "$t_kill")
+wait_for 60 has_new_lines 3
 guest_runs; runs=$?
 state=$(domu_state)
 counters=$(new_lines | tr '\n' ' ')
