@@ -21,9 +21,10 @@ xl.h; docs/specs/libxl-migration-stream.pandoc and libxc-migration-stream.pandoc
                   records of the latest checkpoint (X86_TSC_INFO, SHARED_INFO,
                   X86_PV_VCPU_*), END
 
-Header fields other than libxl's are host-endian, which is little-endian on
-the x86 hosts Xen's PV guests run on.  Only PV domains: an HVM restore also
-needs the device model's state, which the Remus stream does not carry here.
+libxl's stream header and libxc's image header are big-endian; every other
+field is host-endian, which is little-endian on the x86 hosts Xen's PV guests
+run on.  Only PV domains: an HVM restore also needs the device model's state,
+which the Remus stream does not carry here.
 """
 
 from __future__ import annotations
