@@ -181,10 +181,13 @@ class BackupSession:
 
                 self.max_pages = spec_from_session(info).pages
             elif kind == "xen":
+                from remus.xen.savefile import DomainConfig
+
                 max_pages = info.get("max_pages", DEFAULT_MAX_PAGES)
                 if not isinstance(max_pages, int) or max_pages <= 0:
                     raise UsageError(f"bad max_pages {max_pages!r}")
                 self.max_pages = max_pages
+                DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
             else:
                 raise UsageError(f"unknown domain kind {kind!r}")
         except RemusError as exc:  # the reason goes back to the primary

@@ -83,6 +83,21 @@ class RemoteProtocolError(ProtocolError):
     over the documented bound, a record out of order, a checksum mismatch)."""
 
 
+class ActivationError(RemusError):
+    """The backup could not activate the domain from its last checkpoint.
+
+    Raised on the backup at failover.  The message says what failed and what,
+    if anything, was left behind (a Xen domain that could not be cleaned up).
+    """
+
+
+class XlError(RemusError):
+    """Xen's ``xl`` command could not be run, did not finish in time, or failed.
+
+    The message names the command and carries what xl said on stderr.
+    """
+
+
 class XenUnavailable(RemusError):
     """A Xen domain was asked for but Xen cannot be used from this process.
 

@@ -2,8 +2,10 @@
 
 An ``Image`` is the state of a domain as of one checkpoint: every page ever
 sent (latest version, keyed by PFN, with its PAGE_DATA type word), the
-domain's header, the non-page records of its first checkpoint (libxc's static
-records) and those of its latest one (vCPU and other state).  ``Staging``
+domain's header, the non-page records of its first checkpoint and those of
+its latest one (vCPU and other state), and how many of the first checkpoint's
+records came before its first page: libxc's static records, which a restore
+needs ahead of the pages (``static_records`` / ``state_records``).  ``Staging``
 collects a checkpoint as it arrives; ``Image.commit`` folds it in only when
 its COMMIT has been verified, so a partial checkpoint never touches the
 image.  Pure data: no sockets, no clocks.
@@ -31,6 +33,8 @@ class Staging:
     header: Optional[DomainHeader] = None
     record_bytes: int = 0
     checkpoint_seen: bool = False
+    #: How many of ``records`` had arrived when the first page did (None: no page yet).
+    records_before_pages: Optional[int] = None
 
     def add_page(self, word: int, data: Optional[bytes]) -> None:
         pfn = word & PAGE_DATA_PFN_MASK
@@ -40,6 +44,8 @@ class Staging:
             )
         if data is not None and len(data) != PAGE_SIZE:
             raise RemoteProtocolError("page of the wrong size")
+        if self.records_before_pages is None:
+            self.records_before_pages = len(self.records)
         self.pages[pfn] = (word, data)
 
     def add_record(self, record: Record, size: int) -> None:
@@ -64,6 +70,8 @@ class Image:
     pages: dict[int, tuple[int, Optional[bytes]]] = field(default_factory=dict)
     first_records: list[Record] = field(default_factory=list)
     latest_records: list[Record] = field(default_factory=list)
+    #: How many of ``first_records`` came before the first checkpoint's first page.
+    static_count: int = 0
 
     def page(self, pfn: int) -> Optional[bytes]:
         entry = self.pages.get(pfn)
@@ -74,9 +82,23 @@ class Image:
         if self.seq == 0:
             self.header = staged.header
             self.first_records = list(staged.records)
+            before = staged.records_before_pages
+            self.static_count = len(staged.records) if before is None else before
         self.pages.update(staged.pages)
         self.latest_records = list(staged.records)
         self.seq = seq
+
+    def static_records(self) -> list[Record]:
+        """The records that opened the stream before any page (libxc: X86_PV_INFO ...
+        STATIC_DATA_END, X86_PV_P2M_FRAMES), in order."""
+        return self.first_records[: self.static_count]
+
+    def state_records(self) -> list[Record]:
+        """The latest checkpoint's records other than the static ones (libxc: the TSC,
+        shared-info and vCPU records that follow its pages), in order."""
+        if self.seq <= 1:
+            return self.first_records[self.static_count :]
+        return list(self.latest_records)
 
     def sim_vcpu(self) -> Optional[SimVcpu]:
         for record in reversed(self.latest_records):

@@ -9,8 +9,10 @@ When the primary is lost (EOF, reset, an invalid stream, or nothing from it
 for ``heartbeat_timeout_s``) the receiver activates the domain from the last
 *committed* checkpoint, never from a partial one, and says so in one line.
 An activated simulated guest runs inside this process until ``stop`` is set
-(SIGINT/SIGTERM in the front end).  A session the primary closes in order is
-not a failover: the primary keeps the domain.
+(SIGINT/SIGTERM in the front end); a Xen domain is restored with ``xl
+restore`` (``remus.xen.restore``, or the ``restore_xen`` given) and runs on
+its own.  A session the primary closes in order is not a failover: the
+primary keeps the domain.
 
 Messages go through ``say`` (one line each) and ``on_event`` (JSON-able
 dicts); this module prints nothing itself.
@@ -26,7 +28,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from remus.backup import (
     BackupSession,
@@ -40,6 +42,7 @@ from remus.backup import (
 )
 from remus.clock import StopFlag
 from remus.errors import RemoteProtocolError, RemusError, TransportError
+from remus.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason, StreamHeader
 from remus.transport import HEARTBEAT_INTERVAL_S, Heartbeats, LockedSocket, display_address, tune
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 _RECV_BYTES = 1 << 20
+
+#: ``restore_xen(session_info, image)`` recreates a Xen domain from the committed image and
+#: returns what to report about it (``domid``, ``restore_s``, ...); see ``remus.xen.restore``.
+XenRestorer = Callable[[Mapping[str, Any], Image], dict[str, Any]]
 
 
 class Ending(enum.Enum):
@@ -147,6 +154,7 @@ class Receiver:
         say: Callable[[str], None] = lambda line: None,
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
         on_progress: Optional[Callable[[BackupSession], None]] = None,
+        restore_xen: Optional[XenRestorer] = None,
     ) -> None:
         self.port = port
         self.listen = listen
@@ -157,6 +165,7 @@ class Receiver:
         self.say = say
         self.on_event = on_event
         self.on_progress = on_progress
+        self.restore_xen = restore_xen
         self.activated: Any = None
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
@@ -321,8 +330,11 @@ class Receiver:
             self.say(f"primary lost ({result.reason}); activating {name} from checkpoint {seq} FAILED: {exc}")
             self.on_event({"event": "activation-failed", "domain": name, "seq": seq, "error": str(exc)})
             return 1
+        runs_as = ""
+        if "domid" in details:
+            runs_as = f"; it runs as domain {details['domid']}, restored in {details.get('restore_s', 0):.1f} s"
         self.say(f"primary lost ({result.reason}); activated {name} from checkpoint {seq} "
-                 f"({age:.2f} s old)")
+                 f"({age:.2f} s old){runs_as}")
         self.on_event(dict({"event": "activated", "domain": name, "seq": seq, "age_s": age,
                             "reason": result.reason}, **details))
         if self.activated is not None:  # a simulated guest runs here until we are stopped
@@ -333,11 +345,12 @@ class Receiver:
         return 0
 
     def _activate(self, session: BackupSession) -> dict[str, Any]:
-        if session.kind != "sim":
-            raise RemusError(
-                "activating Xen domains on the backup is not supported by this version "
-                "(the image stays in this process only)"
-            )
+        if session.kind == "xen":
+            if self.restore_xen is not None:
+                return self.restore_xen(session.info, session.image)
+            from remus.xen.restore import restore_domain
+
+            return restore_domain(session.info, session.image)
         from remus.sim.domain import SimulatedDomain, spec_from_session
 
         spec = spec_from_session(session.info)

@@ -4,7 +4,9 @@ Importing this package loads nothing from Xen; ``open_xen_domain`` loads the
 cffi binding (``remus.xen.lib``) and raises ``XenUnavailable`` when Xen cannot
 be used here.  Modules: ``lib`` (binding, checks, callbacks), ``store``
 (xenstore, domain lookup), ``control`` (libxenctrl/libxenguest), ``suspend``,
-``saver`` (libxc's save loop meeting the engine's), ``domain`` (``XenDomain``).
+``saver`` (libxc's save loop meeting the engine's), ``domain`` (``XenDomain``),
+``xl`` (running the xl command), and on the backup ``savefile`` (an xl save
+file from the committed image) and ``restore`` (``xl restore`` of it).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ def open_xen_domain(spec: str) -> "XenDomain":
     Raises:
         XenUnavailable: Xen cannot be used from this process (the message says why).
         DomainNotFound: no domain has that name or id.
-        DomainError: the domain cannot be protected (dom0, HVM, not running).
+        DomainError: the domain cannot be protected (dom0, HVM, not running, its libxl
+            configuration cannot be read).
         XenError: a Xen call failed.
     """
-    from remus.xen import lib
+    from remus.xen import lib, xl
     from remus.xen.control import XenControl
     from remus.xen.domain import assemble
     from remus.xen.store import XenStore
@@ -38,7 +41,8 @@ def open_xen_domain(spec: str) -> "XenDomain":
         control = XenControl(b)
         stack.callback(control.close)
         domain = assemble(spec, xenstore, control,
-                          lambda domid, port: BoundSuspendChannel(b, control.handle, domid, port))
+                          lambda domid, port: BoundSuspendChannel(b, control.handle, domid, port),
+                          read_config=xl.domain_config)
         stack.pop_all()
         return domain
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow

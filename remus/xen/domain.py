@@ -18,21 +18,25 @@ hypervisor, not its own bookkeeping, whether the guest is suspended.
 
 ``assemble`` builds one from open handles: it resolves the domain argument,
 refuses what cannot be protected (dom0, HVM guests, a guest that is not
-running) and picks the suspender.  Disks are not replicated by this project:
-a domain with disks gets one warning naming them.  ``devices`` holds the
-guest's network output through ``remus.netbuf`` (one plug per vif).
+running), reads the domain's libxl configuration (which the session header
+carries to the backup, so that it can recreate the domain) and picks the
+suspender.  Disks are not replicated by this project: a domain with disks
+gets one warning naming them.  ``devices`` holds the guest's network output
+through ``remus.netbuf`` (one plug per vif).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
-from remus.errors import DomainError, RemusError
+from remus.errors import DomainError, RemusError, XlError
+from remus.stream.records import Session
 from remus.xen import store as xs
 from remus.xen.control import DomInfo
 from remus.xen.saver import CheckpointSaver, SaveFunction
@@ -46,6 +50,9 @@ SUSPEND_TIMEOUT_S = 10.0
 #: After a suspend request timed out but the guest had taken it, how long ``close`` waits for
 #: the late suspend so that it can resume the guest.
 LATE_SUSPEND_S = 5.0
+#: Bound on the domain's configuration in the session record (JSON-escaped), leaving room
+#: there for everything else.
+MAX_CONFIG_CHARS = Session.MAX_BODY - 4096
 
 
 class Control(Protocol):
@@ -193,15 +200,20 @@ class XenDomain:
 
 
 def assemble(spec: str, store: FullStore, control: FullControl,
-             bind_channel: Callable[[int, int], EventChannel]) -> XenDomain:
+             bind_channel: Callable[[int, int], EventChannel], *,
+             read_config: Optional[Callable[[int], str]] = None) -> XenDomain:
     """The ``XenDomain`` for the command line's domain argument, on open handles.
 
-    ``bind_channel(domid, port)`` binds a guest's suspend event channel.  The
-    handles stay the caller's until this returns; then they are the domain's.
+    ``bind_channel(domid, port)`` binds a guest's suspend event channel.
+    ``read_config(domid)`` returns the domain's libxl configuration as JSON
+    (``remus.xen.xl.domain_config``); without it the session carries none, and
+    a backup refuses it.  The handles stay the caller's until this returns;
+    then they are the domain's.
 
     Raises:
         DomainNotFound: no domain has that name or id.
-        DomainError: it cannot be protected (dom0, an HVM guest, not running).
+        DomainError: it cannot be protected (dom0, an HVM guest, not running, its
+            configuration cannot be read or is too large for the session record).
         XenError: a Xen call failed.
     """
     ref = xs.resolve_domain(store, spec)
@@ -211,6 +223,9 @@ def assemble(spec: str, store: FullStore, control: FullControl,
                           f"{'gone' if state is None else state.state}")
     if state.hvm:
         raise DomainError(f"domain {ref.name} is an HVM guest: remus protects PV guests only")
+    details: dict[str, Any] = {"dom_type": "pv", "max_memkb": state.max_memkb, "vcpus": state.vcpus}
+    if read_config is not None:
+        details["libxl_config"] = _config_of(ref, read_config)
     disks = xs.disks(store, ref.domid)
     if disks:
         log.warning("domain %s has disks that remus does not replicate: %s (not protected)",
@@ -234,6 +249,19 @@ def assemble(spec: str, store: FullStore, control: FullControl,
                             precopy_timeout_s=precopy_timeout_s)
     return XenDomain(
         ref, control, store, suspender, saver,
-        details={"dom_type": "pv", "max_memkb": state.max_memkb, "vcpus": state.vcpus},
+        details=details,
         net_devices=net_devices,
     )
+
+
+def _config_of(ref: xs.DomainRef, read_config: Callable[[int], str]) -> str:
+    try:
+        config = read_config(ref.domid)
+    except XlError as exc:
+        raise DomainError(f"cannot read the configuration of domain {ref.name}, which the backup "
+                          f"needs to recreate it: {exc}") from None
+    size = len(json.dumps(config))
+    if size > MAX_CONFIG_CHARS:
+        raise DomainError(f"the configuration of domain {ref.name} takes {size} bytes in the session "
+                          f"record, more than the {MAX_CONFIG_CHARS} it can carry")
+    return config

@@ -1,0 +1,90 @@
+"""The receiver with a Xen session: failover goes to the Xen restorer, with the last
+committed checkpoint; its result or its failure is reported in one line."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Mapping
+
+import pytest
+
+from remus.errors import ActivationError
+from remus.image import Image
+from remus.stream.codec import encode_record
+from remus.stream.records import Close, CloseReason
+from tests.test_transport import ReceiverThread
+from tests.xen_stream import CONFIG, STATE_TYPES, xen_session
+
+
+class FakeRestorer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple[Mapping[str, Any], int, list[int]]] = []
+
+    def __call__(self, info: Mapping[str, Any], image: Image) -> dict[str, Any]:
+        self.calls.append((info, image.seq, [r.TYPE for r in image.state_records()]))
+        if self.fail:
+            raise ActivationError("xl restore of domu failed (exit status 3): boom; no domain was left behind")
+        return {"domid": 42, "name": "domu", "restore_s": 1.25}
+
+
+def send_and_drop(port: int, data: bytes, backup: ReceiverThread, commits: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(data)
+        # Stay connected until the receiver committed everything (see test_transport).
+        deadline = time.monotonic() + 15
+        while sum(1 for e in list(backup.events) if e["event"] == "commit") < commits:
+            assert time.monotonic() < deadline, backup.events
+            time.sleep(0.02)
+
+
+def test_a_lost_xen_primary_is_restored_from_its_last_committed_checkpoint() -> None:
+    restorer = FakeRestorer()
+    backup = ReceiverThread(restore_xen=restorer)
+    stream, _guest = xen_session(3)
+    partial, _ = xen_session(4)
+    assert partial.startswith(stream)
+    send_and_drop(backup.port, partial[: len(stream) + (len(partial) - len(stream)) // 2], backup, 3)
+    event = backup.wait_event("activated")
+    assert backup.finish() == 0
+    assert event["domain"] == "xen:domu" and event["seq"] == 3
+    assert event["domid"] == 42 and event["restore_s"] == 1.25
+    [(info, seq, state_types)] = restorer.calls
+    assert seq == 3 and info["libxl_config"] == CONFIG and state_types == STATE_TYPES
+    [line] = [line for line in backup.lines if "activated" in line]
+    assert "activated xen:domu from checkpoint 3 (" in line
+    assert line.endswith("s old); it runs as domain 42, restored in 1.2 s")
+
+
+def test_a_failed_xen_activation_is_one_line_and_exit_status_1() -> None:
+    backup = ReceiverThread(restore_xen=FakeRestorer(fail=True))
+    stream, _guest = xen_session(2)
+    send_and_drop(backup.port, stream, backup, 2)
+    event = backup.wait_event("activation-failed")
+    assert backup.finish() == 1
+    assert event["seq"] == 2 and "boom" in event["error"]
+    [line] = [line for line in backup.lines if "FAILED" in line]
+    assert "activating xen:domu from checkpoint 2 FAILED: xl restore of domu failed" in line
+
+
+@pytest.mark.parametrize("config", [None, "{}"], ids=["none", "nameless"])
+def test_a_xen_session_without_a_usable_config_is_refused_at_once(config: Any) -> None:
+    restorer = FakeRestorer()
+    backup = ReceiverThread(restore_xen=restorer)
+    stream, _guest = xen_session(0, config=config)
+    with socket.create_connection(("127.0.0.1", backup.port)) as sock:
+        sock.sendall(stream)
+        event = backup.wait_event("refused")
+        reply = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    assert "cannot take domain 'domu'" in event["reason"]
+    assert "libxl configuration" in event["reason"] or "names no domain" in event["reason"]
+    assert encode_record(Close(CloseReason.REFUSED, event["reason"])) in reply
+    backup.stop.set("test")
+    backup.thread.join(timeout=15)
+    assert restorer.calls == []
