@@ -2,24 +2,31 @@
 
 Subcommands:
 
-``protect``  runs the real ``remus.engine.Engine`` with the real ``PlugBuffer``
-             on one interface, checkpointing a stand-in domain: a process
-             stopped and continued with SIGSTOP/SIGCONT (``--pid``, the veth
-             sender) or a Xen guest paused and unpaused with ``xl``
-             (``--xl``).  Captures are empty; acks come ``--ack-delay-ms``
-             after each send, like a backup's.  Writes the same statistics
-             JSON as ``remus --stats-json`` (with ``suspended_unix`` and
-             ``acked_unix``), plus ``installed``/``released`` markers.
-``send``     writes numbered frames of every kind (IPv4, IPv6, ARP, 802.1Q,
-             unknown ethertype, bare header) out of an interface.
-``sniff``    records every frame on a ``--pre`` interface (the vif: the
-             kernel taps it before tc redirects it) and a ``--post`` one
-             (the bridge: frames passed up after the plug), with kernel
-             timestamps, until SIGTERM.
-``check``    matches the two captures against the checkpoint statistics and
-             prints ``RESULT`` lines (see ``check`` for the rules).
+``protect``    runs the real ``remus.engine.Engine`` with the real
+               ``PlugBuffer`` on one interface, checkpointing a stand-in
+               domain: a process stopped and continued with SIGSTOP/SIGCONT
+               (the veth sender, which has no Xen guest behind it).  Its
+               captures are empty; acks come ``--ack-delay-ms`` after each
+               send, like a backup's.  Writes the same statistics JSON as
+               ``remus --stats-json``.  (A Xen guest is protected by the
+               ``remus`` command itself.)
+``send``       writes numbered frames of every kind (IPv4, IPv6, ARP, 802.1Q,
+               unknown ethertype, bare header) out of an interface.
+``sniff``      records every frame on a ``--pre`` interface (the vif: the
+               kernel taps it before tc redirects it) and a ``--post`` one
+               (the bridge: frames passed up after the plug), with kernel
+               timestamps, until SIGTERM.  With ``--record VIF`` it also
+               writes the ``installed`` marker once remus's ownership record
+               for VIF lists the redirect (from then on the vif's output
+               waits in the plug).
+``check``      matches the two captures against the checkpoint statistics
+               and the job's markers and prints ``RESULT`` lines (see
+               ``check`` for the rules).
 
-It prints; it is a test tool, not part of the remus package.
+Markers are JSON lines ``{"event": NAME, "unix": TIME}`` that the job and
+these tools append to one file per run.  This is a test tool, not part of
+the remus package: it prints, and it changes nothing but the interfaces it
+is told to send on or buffer.
 """
 
 from __future__ import annotations
@@ -31,11 +38,10 @@ import os
 import select
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from bisect import bisect_right
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -48,8 +54,8 @@ from remus.clock import StopFlag  # noqa: E402
 from remus.devices import CheckpointDevice  # noqa: E402
 from remus.domain import Capture, DomainInfo  # noqa: E402
 from remus.engine import Engine  # noqa: E402
-from remus.errors import DomainError  # noqa: E402
 from remus.netbuf import devices_for  # noqa: E402
+from remus.netbuf.owners import DEFAULT_STATE_DIR, RecordError, RecordStore  # noqa: E402
 from remus.report import Reporter  # noqa: E402
 from remus.signals import stop_on_signals  # noqa: E402
 from remus.stream.records import Checkpoint  # noqa: E402
@@ -64,27 +70,16 @@ def mark(path: str, event: str, **extra: Any) -> None:
 # ------------------------------------------------------------------------------ protect
 
 
-class StandInDomain:
-    """A domain the engine can suspend and resume, whose captures are empty."""
+class ProcessDomain:
+    """A process as the domain: suspended with SIGSTOP, resumed with SIGCONT; empty captures."""
 
-    def __init__(self, name: str, suspend: Callable[[], None], resume: Callable[[], None]) -> None:
-        self.name = name
-        self._suspend, self._resume = suspend, resume
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
         self._suspended = False
-
-    @classmethod
-    def process(cls, pid: int) -> "StandInDomain":
-        """The sender process: SIGSTOP and SIGCONT."""
-        return cls(f"pid{pid}", lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT))
-
-    @classmethod
-    def xl(cls, domain: str) -> "StandInDomain":
-        """A Xen guest: ``xl pause`` and ``xl unpause`` (slow under TCG: a process each)."""
-        return cls(domain, lambda: _run(["xl", "pause", domain]), lambda: _run(["xl", "unpause", domain]))
 
     @property
     def info(self) -> DomainInfo:
-        return DomainInfo("stand-in", self.name)
+        return DomainInfo("stand-in", f"pid{self.pid}")
 
     @property
     def suspended(self) -> bool:
@@ -94,25 +89,19 @@ class StandInDomain:
         return []
 
     def suspend(self) -> None:
-        self._suspend()
+        os.kill(self.pid, signal.SIGSTOP)
         self._suspended = True
 
     def capture(self) -> Capture:
         return Capture([Checkpoint()], 0)
 
     def resume(self) -> None:
-        self._resume()
+        os.kill(self.pid, signal.SIGCONT)
         self._suspended = False
 
     def close(self) -> None:
         if self._suspended:
             self.resume()
-
-
-def _run(argv: List[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise DomainError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
 class DelayedAckChannel(BlackholeChannel):
@@ -131,56 +120,17 @@ class DelayedAckChannel(BlackholeChannel):
         time.sleep(max(0.0, self._sent_at + self.delay_s - time.monotonic()))
 
 
-class Hook:
-    """A device that only calls ``on(hook_name)``: placed around the real buffers to time them."""
-
-    name = "hook"
-
-    def __init__(self, on: Callable[[str], None]) -> None:
-        self.on = on
-
-    def install(self) -> None:
-        self.on("install")
-
-    def postsuspend(self) -> None:
-        self.on("postsuspend")
-
-    def preresume(self) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-
 def protect(args: argparse.Namespace) -> int:
-    domain = StandInDomain.process(args.pid) if args.pid else StandInDomain.xl(args.xl)
-    buffers = [] if args.no_net else devices_for([args.vif], args.interval_ms)
+    domain = ProcessDomain(args.pid)
     stop = StopFlag()
-    reporter = Reporter(f"stand-in:{domain.name}", sys.stderr, args.stats, live=False)
-    started = [0.0]
-
-    def before(hook: str) -> None:
-        if hook == "postsuspend":
-            started[0] = time.time()
-
-    def after(hook: str) -> None:
-        if hook == "install":
-            mark(args.markers, "installed", devices=[d.name for d in buffers])
-        elif hook == "postsuspend":   # the plugs got TCQ_PLUG_BUFFER between these two times
-            mark(args.markers, "buffer", start=started[0])
-
-    devices: List[CheckpointDevice] = [Hook(before), *buffers, Hook(after)]
+    reporter = Reporter(f"stand-in:pid{args.pid}", sys.stderr, args.stats, live=False)
     engine = Engine(domain, DelayedAckChannel(args.ack_delay_ms / 1000), interval_ms=args.interval_ms,
-                    devices=devices, stop=stop, on_checkpoint=reporter)
+                    devices=devices_for([args.vif], args.interval_ms), stop=stop, on_checkpoint=reporter)
     with stop_on_signals(stop):
         try:
             engine.run()
         finally:
             reporter.finish(engine.statistics())
-            mark(args.markers, "released")
             domain.close()
     return 0
 
@@ -211,10 +161,13 @@ def send(args: argparse.Namespace) -> int:
 def sniff(args: argparse.Namespace) -> int:
     taps = {"pre": Tap(args.pre, outgoing=False), "post": Tap(args.post, outgoing=False)}
     stop = StopFlag()
+    watch = RecordStore(args.state_dir) if args.record else None
     with open(args.out, "w", encoding="utf-8") as out, stop_on_signals(stop):
         mark(args.markers, "sniffing")
         while not stop.is_set():
-            readable, _, _ = select.select(list(taps.values()), [], [], 0.2)
+            if watch is not None and installed(watch, args.record, args.markers):
+                watch = None
+            readable, _, _ = select.select(list(taps.values()), [], [], 0.2 if watch is None else 0.02)
             for name, tap in taps.items():
                 if tap in readable:
                     for seen in tap.read_ready():
@@ -224,6 +177,18 @@ def sniff(args: argparse.Namespace) -> int:
                 write_sighting(out, name, seen.unix, seen.data)
             out.write(json.dumps({"tap": name, "capture_drops": tap.count_drops()}) + "\n")
     return 0
+
+
+def installed(store: RecordStore, vif: str, markers: str) -> bool:
+    """True, and the ``installed`` marker written, once remus's record for ``vif`` lists the redirect."""
+    try:
+        record = store.read(vif)
+    except RecordError:
+        return False   # caught between two writes of the record
+    if record is None or "redirect" not in record.done:
+        return False
+    mark(markers, "installed", ifb=record.ifb, pid=record.pid, steps=list(record.done))
+    return True
 
 
 def classify(data: bytes) -> str:
@@ -258,54 +223,51 @@ def result(name: str, ok: Optional[bool], detail: str) -> bool:
 
 #: Timestamps closer than this are the same instant (see ``check``).
 CLOCK_RESOLUTION_S = 1e-6
+#: Frames of the capture's last stretch may still be on their way out (``all_delivered``).
+IN_FLIGHT_S = 1.0
 
 
 def check(args: argparse.Namespace) -> int:
     """Match the captures against the checkpoints; print RESULT lines; 0 if none failed.
 
     A frame's ``pre`` time is its first sighting on the vif, its ``post``
-    time its sighting on the bridge.  Its epoch is the first checkpoint whose
-    TCQ_PLUG_BUFFER came after it reached the plug.  The BUFFER of
-    checkpoint k ran inside a known window: between the ``buffer`` marker's
-    ``start`` and ``unix`` when ``protect`` timed it, else between
-    ``suspended_unix`` and the resume (``suspended_unix`` + ``pause_ms``).
-    Frames inside a window could be in either epoch ("ambiguous"); a frame
-    must never leave before the ack of the earliest epoch it can be in
-    (``no-early-release``: never a false alarm).  Also counted, as the
-    issue words it: frames out before the ack of the first checkpoint
-    *suspended* after them; with a suspend that takes time (``xl pause``)
-    the guest may still send after ``suspended_unix``, and such frames
-    rightly leave with the epoch that is closing.  Only frames seen exactly
-    once on the bridge are timed (repeated identical frames, such as ARP
-    retries, cannot be matched one to one).  Times are compared to the
-    microsecond (``CLOCK_RESOLUTION_S``): the lab's dom0 clock is coarse
-    enough that a frame released right after an ack carries the very same
-    time, which the two float conversions then round apart.
+    time its sighting on the bridge.  The TCQ_PLUG_BUFFER of checkpoint N
+    was sent between its ``suspended_unix`` and its ``buffered_unix``, so a
+    frame that reached the vif before ``buffered_unix`` of checkpoint N is
+    in epoch N or an earlier one, and must not come out before
+    ``acked_unix`` of checkpoint N (``no_early_release``: the weakest claim
+    that is always true, so never a false alarm); frames inside that window
+    could be in either epoch ("ambiguous").  Frames that came after the last
+    recorded BUFFER are in an epoch no checkpoint closed: with
+    ``--open-until MARKER`` they must not come out before that marker (the
+    stop request).  Only frames seen exactly once on the bridge are timed
+    (repeated identical frames, such as ARP retries, cannot be matched one
+    to one).  Times are compared to the microsecond
+    (``CLOCK_RESOLUTION_S``): the lab's dom0 clock is coarse enough that a
+    frame released right after an ack carries the very same time, which the
+    two float conversions then round apart.
+
+    With ``--blocked-marker`` (a SIGKILL): frames that reached the vif after
+    it (or after ``installed``, when no checkpoint was recorded at all, i.e.
+    remus died in its first) must not come out before ``--blocked-until``
+    and must come out after it.  Frames after ``--unblocked-marker`` (remus
+    gone, or cleaned up after) must pass within ``--flow-bound-s``.
     """
     name = args.name
     sightings = [s for s in read_lines(args.sniff) if "unix" in s]
     capture_drops = sum(s.get("capture_drops", 0) for s in read_lines(args.sniff))
-    checkpoints = [c for c in read_lines(args.stats) if c.get("event") == "checkpoint"]
-    marks = read_lines(args.markers)
-    markers = {m["event"]: m["unix"] for m in marks if m["event"] != "buffer"}
-    buffers = [m for m in marks if m["event"] == "buffer"]
-    if not checkpoints or not sightings:
-        result(f"{name}-checkpoints", False, f"{len(checkpoints)} checkpoints, {len(sightings)} frames captured")
+    checkpoints = [c for c in read_lines(args.stats) if c.get("event") == "checkpoint"] \
+        if os.path.exists(args.stats) else []
+    markers = {m["event"]: m["unix"] for m in read_lines(args.markers)}
+    if not sightings or (not checkpoints and not args.blocked_marker):
+        result(f"{name}_checkpoints", False, f"{len(checkpoints)} checkpoints, {len(sightings)} frames captured")
         return 1
     suspended = [c["suspended_unix"] for c in checkpoints]
-    resumed = [c["suspended_unix"] + c["pause_ms"] / 1000 for c in checkpoints]
+    buffered = [c["buffered_unix"] for c in checkpoints]
     acked = [c["acked_unix"] for c in checkpoints]
-    timed = len(buffers) >= len(checkpoints)
-    lo = [b["start"] for b in buffers[: len(checkpoints)]] if timed else suspended
-    hi = [b["unix"] for b in buffers[: len(checkpoints)]] if timed else resumed
-    # Without an "installed" marker (a run of the remus command itself) timing starts at the first suspend.
-    installed, unblocked = markers.get("installed", suspended[0]), markers[args.unblocked_marker]
-    ok = result(f"{name}-checkpoints", True,
-                f"{len(checkpoints)} checkpoints, mean period "
-                f"{statistics.mean(c['period_ms'] for c in checkpoints[1:]) if len(checkpoints) > 1 else 0:.0f} ms, "
-                f"mean pause {statistics.mean(c['pause_ms'] for c in checkpoints):.1f} ms, BUFFER window "
-                f"{statistics.mean(h - l for h, l in zip(hi, lo)) * 1000:.1f} ms "
-                f"({'timed around the plugs' if timed else 'suspend to resume'})")
+    installed = markers["installed"]
+    unblocked = markers[args.unblocked_marker]
+    ok = True
 
     pre: Dict[str, float] = {}
     post: Dict[str, List[float]] = {}
@@ -318,65 +280,84 @@ def check(args: argparse.Namespace) -> int:
         kinds[s["hash"]] = s["kind"]
     unique = {h: times[0] for h, times in post.items() if len(times) == 1 and h in pre}
 
-    violations: List[str] = []
-    holds: List[float] = []
-    held_by_kind: Dict[str, int] = {}
-    ambiguous = by_suspend_time = 0
-    for h, t_post in unique.items():
-        t_pre = pre[h]
-        if not installed <= t_pre < hi[-1]:
-            continue
-        earliest = bisect_right(hi, t_pre)
-        latest = bisect_right(lo, t_pre)
-        ambiguous += earliest != latest
-        holds.append(t_post - t_pre)
-        held_by_kind[kinds[h]] = held_by_kind.get(kinds[h], 0) + 1
-        if t_post < acked[earliest] - CLOCK_RESOLUTION_S:
-            violations.append(f"{kinds[h]} in at {t_pre:.3f}, out at {t_post:.3f}, ack {earliest + 1} at "
-                              f"{acked[earliest]:.3f}")
-        first_suspended_after = bisect_right(suspended, t_pre)
-        if first_suspended_after < len(acked) and t_post < acked[first_suspended_after] - CLOCK_RESOLUTION_S:
-            by_suspend_time += 1
-    ok &= result(f"{name}-no-early-release", bool(holds) and not violations,
-                 f"{len(holds)} frames arrived while buffered, {len(violations)} left before their epoch's ack"
-                 + (f" ({'; '.join(violations[:3])})" if violations else "")
-                 + f"; {ambiguous} arrived during a BUFFER window; {by_suspend_time} left before the ack of the "
-                 "first checkpoint suspended after them")
-    if holds:
-        ok &= result(f"{name}-held", statistics.median(holds) > 0,
-                     f"hold time median {statistics.median(holds) * 1000:.0f} ms, max {max(holds) * 1000:.0f} ms; "
-                     f"frames by kind: {dict(sorted(held_by_kind.items()))}")
-    expected = [k for k in args.kinds.split(",") if k]
-    missing_kinds = [k for k in expected if not held_by_kind.get(k)]
-    if expected:
-        ok &= result(f"{name}-all-ethertypes", not missing_kinds,
-                     f"held and released: {sorted(held_by_kind)}"
-                     + (f"; never seen held: {missing_kinds}" if missing_kinds else ""))
+    if checkpoints:
+        periods = [c["period_ms"] for c in checkpoints[1:]]
+        ok &= result(f"{name}_checkpoints", True,
+                     f"{len(checkpoints)} checkpoints, mean period {statistics.mean(periods) if periods else 0:.0f} ms, "
+                     f"pause of the first {checkpoints[0]['pause_ms'] / 1000:.1f} s, of the others "
+                     f"{statistics.mean(c['pause_ms'] for c in checkpoints[1:]) if periods else 0:.0f} ms on average, "
+                     f"suspend to BUFFER "
+                     f"{statistics.mean(b - s for b, s in zip(buffered, suspended)) * 1000:.1f} ms on average")
+        violations: List[str] = []
+        open_violations: List[str] = []
+        holds: List[float] = []
+        held_by_kind: Dict[str, int] = {}
+        ambiguous = open_epoch = 0
+        open_until = markers[args.open_until] if args.open_until else None
+        for h, t_post in unique.items():
+            t_pre = pre[h]
+            if t_pre < installed:
+                continue
+            if t_pre >= buffered[-1]:
+                if open_until is not None and t_pre < open_until:
+                    open_epoch += 1
+                    if t_post < open_until - CLOCK_RESOLUTION_S:
+                        open_violations.append(f"{kinds[h]} in at {t_pre:.3f}, out at {t_post:.3f}, "
+                                               f"stop at {open_until:.3f}")
+                continue
+            epoch = bisect_right(buffered, t_pre)   # the earliest epoch (0-based) the frame can be in
+            ambiguous += bisect_right(suspended, t_pre) != epoch
+            holds.append(t_post - t_pre)
+            held_by_kind[kinds[h]] = held_by_kind.get(kinds[h], 0) + 1
+            if t_post < acked[epoch] - CLOCK_RESOLUTION_S:
+                violations.append(f"{kinds[h]} in at {t_pre:.3f}, out at {t_post:.3f}, ack {epoch + 1} at "
+                                  f"{acked[epoch]:.3f}")
+        ok &= result(f"{name}_no_early_release", bool(holds) and not violations and not open_violations,
+                     f"{len(holds)} frames arrived while buffered, {len(violations)} left before their epoch's ack"
+                     + (f" ({'; '.join(violations[:3])})" if violations else "")
+                     + f"; {ambiguous} arrived between a suspend and its BUFFER"
+                     + (f"; of {open_epoch} frames in the epoch still open at the stop, {len(open_violations)} "
+                        "left before it" + (f" ({'; '.join(open_violations[:3])})" if open_violations else "")
+                        if open_until is not None else ""))
+        if holds:
+            ok &= result(f"{name}_held", statistics.median(holds) > 0,
+                         f"hold time median {statistics.median(holds) * 1000:.0f} ms, max {max(holds) * 1000:.0f} ms; "
+                         f"frames by kind: {dict(sorted(held_by_kind.items()))}")
+        expected = [k for k in args.kinds.split(",") if k]
+        missing_kinds = [k for k in expected if not held_by_kind.get(k)]
+        if expected:
+            ok &= result(f"{name}_all_ethertypes", not missing_kinds,
+                         f"held and released: {sorted(held_by_kind)}"
+                         + (f"; never seen held: {missing_kinds}" if missing_kinds else ""))
 
     # Every frame that reached the vif while buffering was in place, or after, comes out (those of
     # the capture's last second may still be in flight).
     last = max(s["unix"] for s in sightings)
-    lost = sorted((t, h) for h, t in pre.items() if h not in post and installed < t < last - 1.0)
+    lost = sorted((t, h) for h, t in pre.items() if h not in post and installed < t < last - IN_FLIGHT_S)
     where = ", ".join(f"{kinds[h]} at {describe(t, markers, suspended, acked)}" for t, h in lost[:4])
     verdict: Optional[bool] = not lost
     if lost and capture_drops >= len(lost):
         verdict = None   # the capture itself lost that many: cannot tell
-    ok &= result(f"{name}-all-delivered", verdict,
+    ok &= result(f"{name}_all_delivered", verdict,
                  f"{len(pre)} frames reached the vif, {len(lost)} never came out" + (f": {where}" if lost else "")
                  + f"; the capture dropped {capture_drops}")
 
     if args.blocked_marker:
-        blocked, until = markers[args.blocked_marker] + 0.05, markers[args.blocked_until]
-        early = [h for h, t in unique.items() if pre[h] > blocked and t < until]
-        waited = [h for h, t in unique.items() if blocked < pre[h] < until]
-        ok &= result(f"{name}-blocked-until-cleanup", bool(waited) and not early,
-                     f"{len(waited)} frames sent after the SIGKILL waited for the cleanup; {len(early)} came out before it")
+        since, what = markers[args.blocked_marker] + 0.05, f"after the {args.blocked_marker} marker"
+        if not checkpoints:
+            since, what = installed, "since the install (no checkpoint finished)"
+        until = markers[args.blocked_until]
+        early = [h for h, t in unique.items() if since < pre[h] < until and t < until - CLOCK_RESOLUTION_S]
+        waited = [h for h, t in unique.items() if since < pre[h] < until]
+        ok &= result(f"{name}_blocked_until_cleanup", bool(waited) and not early,
+                     f"{len(waited)} frames {what} waited for the cleanup; {len(early)} came out before it")
 
     after = [t - pre[h] for h, t in unique.items() if pre[h] > unblocked + 0.1]
     slow = [d for d in after if d > args.flow_bound_s]
-    ok &= result(f"{name}-flows-after-exit", bool(after) and not slow,
-                 f"{len(after)} frames after remus was gone, slowest {max(after, default=0) * 1000:.0f} ms"
-                 + (f"; {len(slow)} slower than {args.flow_bound_s} s" if slow else ""))
+    ok &= result(f"{name}_flows_after_exit", bool(after) and not slow,
+                 f"{len(after)} frames after the {args.unblocked_marker} marker, slowest "
+                 f"{max(after, default=0) * 1000:.0f} ms" + (f"; {len(slow)} slower than {args.flow_bound_s} s"
+                                                              if slow else ""))
     return 0 if ok else 1
 
 
@@ -392,18 +373,14 @@ def describe(t: float, markers: Dict[str, float], suspended: List[float], acked:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="netbuf_lab.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="netbuf_lab.py", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("protect")
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--pid", type=int)
-    who.add_argument("--xl")
+    p.add_argument("--pid", type=int, required=True)
     p.add_argument("--vif", required=True)
     p.add_argument("--stats", required=True)
-    p.add_argument("--markers", required=True)
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--ack-delay-ms", type=int, default=30)
-    p.add_argument("--no-net", action="store_true")
     p = sub.add_parser("send")
     p.add_argument("--ifname", required=True)
     p.add_argument("--markers", required=True)
@@ -413,19 +390,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--post", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--markers", required=True)
+    p.add_argument("--record", metavar="VIF", help="also write the installed marker when remus has buffered VIF")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     p = sub.add_parser("check")
     p.add_argument("--name", required=True)
     p.add_argument("--sniff", required=True)
     p.add_argument("--stats", required=True)
     p.add_argument("--markers", required=True)
     p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--blocked-marker", help="marker after which nothing sent may come out before --blocked-until")
+    p.add_argument("--open-until", help="marker (the stop request) before which the last, open epoch stays held")
+    p.add_argument("--blocked-marker", help="marker (the SIGKILL) after which nothing comes out before --blocked-until")
     p.add_argument("--blocked-until", default="cleaning")
     p.add_argument("--unblocked-marker", default="released", help="marker after which frames must flow")
     p.add_argument("--flow-bound-s", type=float, default=0.5)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    return {"protect": protect, "send": send, "sniff": sniff, "check": check}[args.command](args)
+    commands = {"protect": protect, "send": send, "sniff": sniff, "check": check}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
