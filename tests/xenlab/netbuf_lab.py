@@ -404,10 +404,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--unblocked-marker", default="released", help="marker after which frames must flow")
     p.add_argument("--flow-bound-s", type=float, default=0.5)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     commands = {"protect": protect, "send": send, "sniff": sniff, "check": check}
     return commands[args.command](args)
 
 
 if __name__ == "__main__":
+    # A command-line tool piped into head dies quietly; never done on import (the tests call main).
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     raise SystemExit(main())
