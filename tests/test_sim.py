@@ -182,6 +182,22 @@ def test_suspend_really_stops_the_guest_and_resume_restarts_it(tmp_path: Path) -
     assert domain.pid is None
 
 
+def test_the_counter_read_while_the_guest_runs_never_goes_back() -> None:
+    # The guest rewrites its vCPU state after every page write; a reader in this process must
+    # never see it half written (a counter of 0, or one that went back).
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=4M,dirty_rate=200000"))
+    try:
+        seen = [domain.vcpu()[0]]
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            seen.extend(domain.vcpu()[0] for _ in range(1000))
+        went_back = [(a, b) for a, b in zip(seen, seen[1:]) if b < a]
+        assert not went_back, f"{len(went_back)} of {len(seen)} reads went back, e.g. {went_back[:3]}"
+        assert seen[-1] > seen[0]
+    finally:
+        domain.close()
+
+
 def test_capture_returns_exactly_the_dirty_pages_and_the_vcpu() -> None:
     domain = SimulatedDomain(parse_sim_spec("sim:t,memory=2M,dirty_rate=5000,packet_rate=0"))
     try:

@@ -70,7 +70,9 @@ class GuestMemory:
         return counter, rng, writes
 
     def write_vcpu(self, counter: int, rng_state: int, writes: int) -> None:
-        VCPU.pack_into(self.map, VCPU_OFFSET, counter, rng_state, writes)
+        # Packed aside, then copied in one go: ``pack_into`` zeroes the fields before filling
+        # them, so a reader in the other process could see a counter of 0 for a moment.
+        self.map[VCPU_OFFSET : VCPU_OFFSET + VCPU.size] = VCPU.pack(counter, rng_state, writes)
 
     # -- pages -----------------------------------------------------------------------
     def page(self, pfn: int) -> bytes:
