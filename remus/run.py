@@ -39,7 +39,7 @@ def run(settings: Settings) -> int:
     stop = StopFlag()
     with stop_on_signals(stop):
         try:
-            domain = open_domain(settings.domain)
+            domain = open_domain(settings.domain, for_backup=not settings.blackhole)
         except UsageError as exc:
             _say(f"error: {exc}")
             return 2

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.test_transport import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -88,3 +90,23 @@ def test_unknown_xen_domain_on_a_machine_without_xen_is_one_clear_line() -> None
     assert done.returncode == 1
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and "somedomain" in done.stderr, done.stderr
+
+
+def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With --blackhole no backup will restore the domain: a Xen domain's libxl configuration
+    # (xl list -l) is not read, so neither xl nor that configuration is needed.
+    import remus.xen
+    from remus.cli import parse
+    from remus.errors import DomainNotFound
+    from remus.run import run
+
+    asked: list[bool] = []
+
+    def fake_open(spec: str, *, for_backup: bool = True) -> None:
+        asked.append(for_backup)
+        raise DomainNotFound(f"domain {spec!r} does not exist")
+
+    monkeypatch.setattr(remus.xen, "open_xen_domain", fake_open)
+    assert run(parse(["--blackhole", "guest"])) == 1
+    assert run(parse(["guest", "backuphost"])) == 1
+    assert asked == [False, True]

@@ -18,14 +18,18 @@ if TYPE_CHECKING:
     from remus.xen.domain import XenDomain
 
 
-def open_xen_domain(spec: str) -> "XenDomain":
+def open_xen_domain(spec: str, *, for_backup: bool = True) -> "XenDomain":
     """The running Xen PV domain named ``spec`` (a name as in ``xl list``, or a numeric id).
+
+    With ``for_backup`` its libxl configuration is read (``xl list -l``) for the
+    session header, so that a backup can recreate it; without (``--blackhole``)
+    neither xl nor the configuration is needed.
 
     Raises:
         XenUnavailable: Xen cannot be used from this process (the message says why).
         DomainNotFound: no domain has that name or id.
         DomainError: the domain cannot be protected (dom0, HVM, not running, its libxl
-            configuration cannot be read).
+            configuration cannot be read when ``for_backup``).
         XenError: a Xen call failed.
     """
     from remus.xen import lib, xl
@@ -42,7 +46,7 @@ def open_xen_domain(spec: str) -> "XenDomain":
         stack.callback(control.close)
         domain = assemble(spec, xenstore, control,
                           lambda domid, port: BoundSuspendChannel(b, control.handle, domid, port),
-                          read_config=xl.domain_config)
+                          read_config=xl.domain_config if for_backup else None)
         stack.pop_all()
         return domain
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow
