@@ -109,11 +109,10 @@ class Engine:
                 next_start = self._checkpoint(self.seq)
             self.channel.close(f"primary stopped: {self.stop.reason or 'requested'}")
             closed_in_order = True
-            self._summary.duration_s = self.clock.now() - started
-            return EngineResult(self.stop.reason or "requested", self.statistics())
         finally:
             self._summary.duration_s = self.clock.now() - started
             self._cleanup(closed_in_order)
+        return EngineResult(self.stop.reason or "requested", self.statistics())
 
     # -- one checkpoint ------------------------------------------------------------------
     def _step(self, phase: str, seq: int, fn: Callable[[], T]) -> T:
