@@ -7,6 +7,10 @@
 #   lab_domu_up                            the lab's PV guest "domu" running, counter ticking
 #   domu_counter / domu_state              its last console counter; its `xl list` state
 #   guest_runs                             domu runs (r or b, never s or p) over a few looks
+#   lab_resume DOMID                       resume a guest left suspended, with remus's own code
+#   xl_state NAME                          a domain's `xl list` state column (domu_state: domu's)
+#   count_lines FILE PATTERN               how many lines of FILE match so far (0 if none, or no FILE)
+#   since T0                               seconds since dom0 uptime T0, one decimal
 #   section TITLE                          a header in the job log
 # Every helper is idempotent, so jobs run alone (run-job.sh) or together (jobs/suite.sh).
 
@@ -18,6 +22,8 @@ DOMU_CFG=/var/lib/remus-lab/domu.cfg
 DOMU_CONSOLE=/var/log/xen/console/guest-domu.log
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+since() { awk "BEGIN {printf \"%.1f\", $(uptime_s) - $1}"; }
+count_lines() { _n=$(grep -c "$2" "$1" 2>/dev/null); echo "${_n:-0}"; }
 section() { echo; echo "=== $* (dom0 uptime $(uptime_s) s)"; }
 
 result() {
@@ -55,13 +61,24 @@ lab_install_remus() {
 
 remus() { python3 $LAB_BUILD/bin/remus "$@"; }
 
+lab_resume() {  # after lab_install_remus
+    python3 -c 'import sys
+from remus.xen import lib
+from remus.xen.control import XenControl
+from remus.xen.store import XenStore
+b = lib.load(); domid = int(sys.argv[1])
+XenControl(b).resume_fast(domid); XenStore(b).resume_domain(domid)' "$1"
+}
+
 domu_counter() {
     sed -n 's/.*domU counter \([0-9]*\).*/\1/p' $DOMU_CONSOLE 2>/dev/null | tail -1
 }
 
-domu_state() {  # the state column of `xl list domu` (r-----, -b----, ---ss-, ...)
-    xl list domu 2>/dev/null | awk 'NR == 2 {print $5}'
+xl_state() {  # the state column of `xl list NAME` (r-----, -b----, ---ss-, ...)
+    xl list "$1" 2>/dev/null | awk 'NR == 2 {print $5}'
 }
+
+domu_state() { xl_state domu; }
 
 lab_domu_up() {
     if ! xl domid domu > /dev/null 2>&1; then

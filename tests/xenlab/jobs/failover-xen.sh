@@ -34,7 +34,7 @@ check failover_build $? "domu id $(xl domid domu 2>/dev/null), counter $(domu_co
 OLD_DOMID=$(xl domid domu)
 
 # commits: how many checkpoints the receiver has committed (and acknowledged) so far
-commits() { _n=$(grep -c '"event": "commit"' "$EVENTS" 2>/dev/null); echo "${_n:-0}"; }
+commits() { count_lines "$EVENTS" '"event": "commit"'; }
 # wait_for SECONDS COMMAND...: poll COMMAND every half second; false if it never held
 wait_for() {
     _until=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
@@ -48,7 +48,6 @@ gone() { ! kill -0 "$1" 2>/dev/null; }
 commits_reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
 # both_run_with N: N checkpoints committed and both still running
 both_run_with() { [ "$(commits)" -ge "$1" ] && ! gone $REMUS && ! gone $RECEIVER; }
-since() { python3 -c "print(round($(uptime_s) - $1, 1))"; }
 
 section "remus-receiver --once, then remus -i 200 domu 127.0.0.1"
 rm -f "$EVENTS" "$STATS"

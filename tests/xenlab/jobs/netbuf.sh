@@ -41,7 +41,6 @@ t_job=$(uptime_s)
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 oneline() { awk '{printf "%s%s", sep, $0; sep = " "}' "$@"; }   # its lines joined by spaces
 signal_of() { if [ "$1" = term ]; then echo SIGTERM; else echo SIGKILL; fi; }
-since() { awk "BEGIN {printf \"%.0f\", $(uptime_s) - $1}"; }   # seconds since uptime $1
 marker() { printf '{"event": "%s", "unix": %s}\n' "$2" "$(date +%s.%N)" >> "$1"; }
 # wait_for FILE EVENT: until a process we started wrote that marker (Python starts slowly under TCG)
 wait_for() {
@@ -54,7 +53,7 @@ wait_for() {
 }
 # stop SIGNAL PID: signal one background process we started, and reap it (its status is returned)
 stop() { kill -"$1" "$2" 2>/dev/null; wait "$2" 2>/dev/null; }
-checkpoints() { _n=$(grep -c '"event": "checkpoint"' "$1" 2>/dev/null); echo "${_n:-0}"; }
+checkpoints() { count_lines "$1" '"event": "checkpoint"'; }
 # wait_checkpoints STATS N TIMEOUT_S PID: until STATS holds N checkpoints (false if PID died first)
 wait_checkpoints() {
     _i=0
@@ -122,7 +121,7 @@ EOF
     xl create $GUEST_DIR/guest.cfg
 }
 
-guest_state() { xl list $GUEST 2>/dev/null | awk 'NR == 2 {print $5}'; }
+guest_state() { xl_state $GUEST; }
 
 guest_net_up() {
     _i=0
@@ -130,15 +129,6 @@ guest_net_up() {
         [ $_i -lt 300 ] || { echo "the guest's network did not come up"; tail -n 20 $GUEST_CONSOLE; return 1; }
         sleep 1; _i=$((_i + 1))
     done
-}
-
-guest_resume() {  # a guest left suspended by a killed remus: resumed with remus's own code
-    python3 -c 'import sys
-from remus.xen import lib
-from remus.xen.control import XenControl
-from remus.xen.store import XenStore
-b = lib.load(); domid = int(sys.argv[1])
-XenControl(b).resume_fast(domid); XenStore(b).resume_domain(domid)' "$(xl domid $GUEST)"
 }
 
 if has guest || has guest-kill || has guest-no-net; then
@@ -186,7 +176,7 @@ finish() {
         stop KILL "$p_pid"
         marker "$p_d/markers.jsonl" killed   # after the kill: frames after it met no remus
         case $p_name in
-            *guest*) case $(guest_state) in *s*) guest_resume && echo "resumed the guest, left suspended" ;; esac ;;
+            *guest*) case $(guest_state) in *s*) lab_resume "$(xl domid $GUEST)" && echo "resumed the guest, left suspended" ;; esac ;;
             *) kill -CONT "$SENDER" ;;   # the stand-in domain, maybe left stopped
         esac
         sleep 3

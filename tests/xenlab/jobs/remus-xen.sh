@@ -41,9 +41,6 @@ check remus_unknown_domain $? "exit $rc, $lines line(s) on stderr: $(head -1 $OU
 
 # Both tools first copy the whole guest while it runs (libxc's live precopy; slow under TCG),
 # so each is measured over the same window: the RUN_S seconds after its first checkpoint.
-# count FILE PATTERN: how many lines match so far
-count() { _n=$(grep -c "$2" "$1" 2>/dev/null); echo "${_n:-0}"; }
-
 # pauses FILE: the mean and largest suspend-to-resume pause after the first checkpoint
 pauses() {
     python3 - "$1" <<'EOF'
@@ -64,14 +61,14 @@ run_and_measure() {
     t_start=$(uptime_s) first_s=none n=0 secs=0
     i=0
     while [ $i -lt "$FIRST_TIMEOUT" ] && kill -0 $pid 2>/dev/null; do
-        [ "$(count "$measure_file" "$pattern")" -ge 1 ] && break
+        [ "$(count_lines "$measure_file" "$pattern")" -ge 1 ] && break
         sleep 1; i=$((i + 1))
     done
-    if [ "$(count "$measure_file" "$pattern")" -ge 1 ]; then
-        t0=$(uptime_s); n0=$(count "$measure_file" "$pattern")
+    if [ "$(count_lines "$measure_file" "$pattern")" -ge 1 ]; then
+        t0=$(uptime_s); n0=$(count_lines "$measure_file" "$pattern")
         first_s=$(python3 -c "print(round($t0 - $t_start, 1))")
         sleep "$RUN_S"
-        t1=$(uptime_s); n1=$(count "$measure_file" "$pattern")
+        t1=$(uptime_s); n1=$(count_lines "$measure_file" "$pattern")
         n=$((n1 - n0)) secs=$(python3 -c "print(round($t1 - $t0, 1))")
     fi
     kill -INT $pid 2>/dev/null
@@ -117,13 +114,7 @@ state=$(domu_state)
 echo "xl remus exit $rc; first checkpoint after ${first_s}s, then $n in ${secs}s; guest state $state"
 case $state in
     *s*)  # the peer's known flaw: a stop that lands while the guest is suspended leaves it so
-        python3 -c 'import sys
-from remus.xen import lib
-from remus.xen.control import XenControl
-from remus.xen.store import XenStore
-b = lib.load(); domid = int(sys.argv[1])
-XenControl(b).resume_fast(domid); XenStore(b).resume_domain(domid)' "$DOMID" \
-            && state="$state (resumed by remus.xen)" ;;
+        lab_resume "$DOMID" && state="$state (resumed by remus.xen)" ;;
 esac
 if [ "$n" -gt 0 ] && [ "${remus_by_name_n:-0}" -gt 0 ]; then
     xl_rate=$(python3 -c "print(round($n / $secs, 2))")
