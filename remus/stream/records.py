@@ -108,6 +108,10 @@ class RemusRecType(enum.IntEnum):
     HEARTBEAT = REMUS_REC_BASE + 0x07
     #: Either direction: orderly end of the session, with a reason.
     CLOSE = REMUS_REC_BASE + 0x08
+    #: Backup to primary, once, before ACK 0: the session is taken, and on what terms
+    #: (JSON: the receiver's takeover timeout and mode, whether it fences).
+    ACCEPT = REMUS_REC_BASE + 0x09
+    # 0x0A..0x0F are reserved for disk replication.
 
 
 class PageKind(enum.IntEnum):
@@ -436,6 +440,42 @@ class Close:
 
 
 @dataclass(frozen=True)
+class Accept:
+    """Backup to primary: the session is taken.  A JSON object with at least
+    ``takeover_ms`` (after how long without a word from the primary the backup
+    may activate the domain; 0 means never by itself, ``--takeover=manual``),
+    ``takeover`` (``"auto"`` or ``"manual"``) and ``fencing`` (bool).  The
+    primary must never release output after having been out of contact for
+    longer than ``takeover_ms``."""
+
+    takeover_ms: int
+    takeover: str = "auto"
+    fencing: bool = False
+
+    TYPE: ClassVar[int] = RemusRecType.ACCEPT
+    MAX_BODY: ClassVar[int] = 4096
+
+    def encode_body(self) -> bytes:
+        info = {"takeover_ms": self.takeover_ms, "takeover": self.takeover, "fencing": self.fencing}
+        return json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "Accept":
+        _need(len(body) <= cls.MAX_BODY, "ACCEPT record too large")
+        try:
+            info = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RemoteProtocolError(f"ACCEPT record is not JSON: {exc}") from None
+        _need(isinstance(info, dict), "ACCEPT record is not a JSON object")
+        takeover_ms = info.get("takeover_ms")
+        _need(isinstance(takeover_ms, int) and not isinstance(takeover_ms, bool) and takeover_ms >= 0,
+              "ACCEPT record lacks a valid takeover_ms")
+        _need(info.get("takeover") in ("auto", "manual"), "ACCEPT record lacks a valid takeover mode")
+        _need(isinstance(info.get("fencing"), bool), "ACCEPT record lacks fencing")
+        return cls(takeover_ms, info["takeover"], info["fencing"])
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """libxc's CHECKPOINT record (empty body): the domain records before it form
     a consistent state."""
@@ -467,13 +507,15 @@ class XenRecord:
 
 
 Record = Union[
-    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint, XenRecord
+    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept, Checkpoint,
+    XenRecord,
 ]
 
 #: Record classes by wire type; types not listed are libxc's and become ``XenRecord``.
 RECORD_CLASSES: dict[int, Any] = {
     cls.TYPE: cls
-    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint)
+    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept,
+                Checkpoint)
 }
 
 
