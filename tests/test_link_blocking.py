@@ -95,7 +95,8 @@ def test_writes_from_two_threads_never_interleave() -> None:
             for n in range(200):
                 link.send(sock, tag + b"%04d" % n + b"." * size)
 
-        threads = [threading.Thread(target=writer, args=(b"H", 10)), threading.Thread(target=writer, args=(b"C", 70_000))]
+        threads = [threading.Thread(target=writer, args=(b"H", 10)),
+                   threading.Thread(target=writer, args=(b"C", 70_000))]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -133,7 +133,8 @@ def test_a_changed_length_fails_even_when_the_bytes_are_there() -> None:
     refused(Opener(KEY), shorter, "sealed frame 0 fails authentication")
 
 
-@pytest.mark.parametrize("cut", [1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 10, HEADER_BYTES + 50 + TAG_BYTES - 1])
+@pytest.mark.parametrize("cut", [1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 10,
+                                 HEADER_BYTES + 50 + TAG_BYTES - 1])
 def test_a_frame_cut_short_is_refused_at_eof(cut: int) -> None:
     opener = Opener(KEY)
     assert opener.receive_data(Sealer(KEY).seal(bytes(50))[:cut]) == []

@@ -31,6 +31,7 @@ can measure what sealing costs, and no command-line option reaches them.
 
 from __future__ import annotations
 
+import abc
 import struct
 from typing import Optional, Protocol
 
@@ -71,7 +72,7 @@ def _nonce(counter: int) -> bytes:
     return b"\0\0\0\0" + counter.to_bytes(8, "big")
 
 
-class _Framer:
+class _Framer(abc.ABC):
     """Splits plaintext into frames and numbers them; subclasses protect the body."""
 
     def __init__(self, frame_max: int) -> None:
@@ -90,7 +91,9 @@ class _Framer:
         step = self.frame_max
         if len(plaintext) <= step:
             return self._frame(0, bytes(plaintext)) if plaintext else b""
-        return b"".join(self._frame(0, bytes(plaintext[start : start + step])) for start in range(0, len(plaintext), step))
+        return b"".join(
+            self._frame(0, bytes(plaintext[start : start + step])) for start in range(0, len(plaintext), step)
+        )
 
     def final(self) -> bytes:
         """The FINAL frame: the stream ends here, in order.  Nothing may be sealed after it."""
@@ -108,8 +111,9 @@ class _Framer:
         self.frames += 1
         return header + body
 
+    @abc.abstractmethod
     def _protect(self, counter: int, header: bytes, chunk: bytes) -> bytes:
-        raise NotImplementedError
+        """The body of frame ``counter`` carrying ``chunk`` under ``header``."""
 
 
 class Sealer(_Framer):
@@ -133,7 +137,7 @@ class NullSealer(_Framer):
         return chunk
 
 
-class _Unframer:
+class _Unframer(abc.ABC):
     """Collects frames from a byte stream, bounds them, and hands each body to ``_unprotect``.
 
     A frame's body is gathered as views of the received chunks and joined
@@ -240,8 +244,9 @@ class _Unframer:
         self.frames += 1
         return word, plaintext
 
+    @abc.abstractmethod
     def _unprotect(self, counter: int, header: bytes, body: bytes) -> bytes:
-        raise NotImplementedError
+        """The plaintext of frame ``counter``, or ``AuthenticationFailed``."""
 
 
 class Opener(_Unframer):

@@ -28,18 +28,23 @@ import threading
 import time
 from typing import Any, Callable
 
+from remus.backup.session import BackupSession, SendBack
 from remus.link.blocking import SealedLink, initiate, respond
 from remus.link.seal import NullOpener, NullSealer, Opener, Sealer
 from remus.sim.domain import SIM_DHDR_TYPE
 from remus.sim.spec import SimSpec
 from remus.stream.codec import StreamDecoder, encode_record
-from remus.stream.records import MAX_BATCH_PAGES, PAGE_SIZE, Ack, Checkpoint, DomainHeader, PageData, SimVcpu, StreamHeader
+from remus.stream.records import (
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    Ack,
+    Checkpoint,
+    DomainHeader,
+    PageData,
+    SimVcpu,
+    StreamHeader,
+)
 from remus.stream.sender import CheckpointEncoder, session_header
-
-try:  # the backup's modules are moving into a package
-    from remus.backup.session import BackupSession, SendBack  # type: ignore[import-not-found,unused-ignore]
-except ImportError:
-    from remus.backup import BackupSession, SendBack  # type: ignore[no-redef,attr-defined,unused-ignore]
 
 MIB = 1 << 20
 
