@@ -179,3 +179,12 @@ def test_the_unsealed_link_is_plain_framing() -> None:
     wire = sender.seal(b"benchmark only")
     assert b"benchmark only" in wire
     assert receiver.receive_data(wire) == [b"benchmark only"]
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_the_benchmarks_pipeline_commits_every_checkpoint(sealed: bool) -> None:
+    """tests/bench/seal.py's transfer, small: a primary with the key replicates through a BackupSession."""
+    from tests.bench.seal import encoded_stream, one_transfer
+
+    opening, checkpoints, _payload = encoded_stream(256, 32, 3, compression=True, seed=4)
+    assert one_transfer(opening, checkpoints, sealed) >= 0  # raises unless all 4 checkpoints committed

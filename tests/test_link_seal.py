@@ -236,3 +236,60 @@ def test_the_buffer_holds_at_most_one_frame_plus_the_data_given() -> None:
     for start in range(0, len(wire), 7):
         opener.receive_data(wire[start : start + 7])
         assert opener.buffered < HEADER_BYTES + 100 + TAG_BYTES
+
+
+# --------------------------------------------------------------------------- in front of the backup session
+
+
+def sealed_checkpoints(sealer: Sealer) -> tuple[bytes, list[bytes]]:
+    """A simulated session (opening + three checkpoints), each part sealed as the primary sends it."""
+    from tests.bench.seal import encoded_stream
+
+    opening, checkpoints, _payload = encoded_stream(256, 8, 2, compression=True, seed=3)
+    return sealer.seal(opening), [b"".join(sealer.seal(chunk) for chunk in chunks) for chunks in checkpoints]
+
+
+def committed_through(opener: Opener, *parts: bytes) -> tuple[int, AuthenticationFailed | None]:
+    """Feed each part in one call (as a part sent whole arrives whole) to an Opener before a BackupSession.
+
+    A call that meets a bad frame hands out nothing, not even the good frames
+    before it in the same call: so a part is fed whole, and the last
+    checkpoint before the damaged one commits.
+    """
+    from remus.backup.session import BackupSession
+
+    session = BackupSession()
+    try:
+        for part in parts + (b"",):
+            for plaintext in opener.receive_data(part):
+                session.receive_data(plaintext)
+    except AuthenticationFailed as exc:
+        return session.image.seq, exc
+    return session.image.seq, None
+
+
+def test_a_sealed_session_commits_every_checkpoint() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    assert committed_through(Opener(KEY), opening + b"".join(checkpoints)) == (3, None)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.3, 0.7, 0.999])
+def test_a_flipped_byte_in_a_checkpoint_commits_nothing_of_it(where: float) -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    third = bytearray(checkpoints[2])
+    third[int(len(third) * where)] ^= 0x10
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], bytes(third))
+    assert seq == 2 and failure is not None
+
+
+def test_a_checkpoint_cut_short_commits_nothing_of_it() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    cut = checkpoints[2][: len(checkpoints[2]) // 2]
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], cut)
+    assert seq == 2 and failure is not None and "cut inside a sealed frame" in str(failure)
+
+
+def test_a_checkpoint_replayed_from_the_same_session_commits_nothing() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], checkpoints[1])
+    assert seq == 2 and failure is not None

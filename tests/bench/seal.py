@@ -39,6 +39,7 @@ from remus.stream.records import (
     PAGE_SIZE,
     Ack,
     Checkpoint,
+    Close,
     DomainHeader,
     PageData,
     SimVcpu,
@@ -154,6 +155,8 @@ class AckReader:
             for event in self.decoder.events():
                 if isinstance(event, Ack):
                     self.acked = event.seq
+                elif isinstance(event, Close):
+                    raise RuntimeError(f"the backup closed the session: {event.message}")
 
 
 def serve_backup(listener: socket.socket, key: bytes, sealed: bool, committed: list[int]) -> None:
