@@ -137,7 +137,7 @@ class Engine:
         self._step("preresume", seq, self.devices.preresume)
         self._step("resume", seq, self.domain.resume)
         t_resumed = clock.now()
-        encoded = self._step("send", seq, lambda: self.encoder.encode(seq, capture.final_records()))
+        encoded = self._step("send", seq, lambda: self.encoder.encode(seq, capture.final_records(), wall_suspend))
         self._step("send", seq, lambda: self.channel.send(encoded))
         self._step("ack", seq, lambda: self.channel.wait_for_ack(seq))
         t_acked = clock.now()

@@ -173,7 +173,7 @@ def stop_after(stop: StopFlag, n: int) -> Callable[[object], None]:
     return callback
 
 
-__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "stop_after"]
+__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "stop_after"]  # and the link helpers below
 
 
 # --------------------------------------------------------------------------- the link (issue 8)
@@ -202,3 +202,47 @@ class Handshake:
         self.initiator.receive_data(self.reply)
         self.finish = self.initiator.data_to_send()
         self.responder.receive_data(self.finish)
+
+
+def write_key_file(directory: "os.PathLike[str] | str", key: bytes = LINK_KEY) -> str:
+    """A key file (mode 0600) holding ``key`` in ``directory``, for commands run by a test."""
+    import os
+
+    path = os.path.join(os.fspath(directory), "authkey")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return path
+
+
+class SealedClient:
+    """A primary's end of an authenticated link, for tests that send hand-made streams."""
+
+    def __init__(self, port: int, key: bytes = LINK_KEY, host: str = "127.0.0.1") -> None:
+        import socket
+
+        from remus.link.blocking import initiate
+
+        self.sock = socket.create_connection((host, port))
+        self.link = initiate(self.sock, key)
+
+    def sendall(self, data: bytes) -> None:
+        self.link.send(self.sock, data)
+
+    def read_all(self) -> bytes:
+        """Everything the receiver sends until it closes, opened."""
+        plain = b""
+        while True:
+            data = self.sock.recv(65536)
+            plain += b"".join(self.link.receive_data(data))
+            if not data:
+                return plain
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "SealedClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
