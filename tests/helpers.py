@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+from remus.channel import Silence
 from remus.clock import FakeClock, StopFlag
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
@@ -45,6 +46,7 @@ class FakeDomain:
         self._suspended = False
         self.seq = 0
         self.closed = False
+        self.held = False
 
     def _call(self, what: str) -> None:
         self.log.append(f"domain.{what}")
@@ -78,6 +80,12 @@ class FakeDomain:
     def resume(self) -> None:
         self._call("resume")
         self._suspended = False
+
+    def hold(self) -> str:
+        self.log.append("domain.hold")
+        self._suspended = True
+        self.held = True
+        return "stopped"
 
     def close(self) -> None:
         self.log.append("domain.close")
@@ -134,7 +142,10 @@ class FakeChannel:
         self.opening = b""
         self.sent: list[EncodedCheckpoint] = []
         self.closed_with: Optional[str] = None
+        self.close_error = False
         self.aborted = False
+        self.confirms = True
+        self.silence: Optional[Silence] = None
 
     def _call(self, what: str, seq: int) -> None:
         self.log.append(f"channel.{what}")
@@ -154,9 +165,15 @@ class FakeChannel:
         self._call("ack", seq)
         self.clock.advance(self.ack_s)
 
-    def close(self, message: str) -> None:
+    def close(self, message: str, *, error: bool = False, timeout_s: float = 2.0) -> bool:
         self.log.append("channel.close")
         self.closed_with = message
+        self.close_error = error
+        return self.confirms
+
+    def out_of_contact(self) -> Optional[Silence]:
+        self.log.append("channel.contact")
+        return self.silence
 
     def abort(self) -> None:
         self.log.append("channel.abort")
