@@ -457,7 +457,7 @@ class TcpChannel:
     def _on_event(self, event: object) -> None:
         if isinstance(event, Ack):
             with self._cond:
-                if event.seq > self._acked:
+                if self._lost is None and event.seq > self._acked:  # none counts after a refusal
                     self._acked = event.seq
                 self._cond.notify_all()
         elif isinstance(event, Accept):
