@@ -2,7 +2,9 @@
 
 ``stop_on_signals`` installs handlers that only set a ``StopFlag`` (the
 engine acts on it at the next epoch boundary) and restores the previous
-handlers on the way out.  A second signal while a stop is pending calls
+handlers on the way out, unless a signal came: then the process is on its
+way out, and from there on SIGINT and SIGTERM are ignored, so that a late
+second Ctrl-C cannot turn an orderly end into an abort.  A second signal while a stop is pending calls
 ``StopFlag.hurry``: waits that watch it (connecting, the session's
 acceptance, a checkpoint's ack) end at once, and the engine goes straight to
 its orderly end (resume the domain, CLOSE, then release the output).  No
@@ -36,7 +38,10 @@ def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
         yield stop
         return
 
+    signalled = []
+
     def handler(signum: int, frame: Optional[FrameType]) -> None:
+        signalled.append(signum)
         name = _SIGNALS.get(signum, str(signum))
         if stop.is_set():
             stop.hurry(name)
@@ -48,4 +53,4 @@ def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
         yield stop
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if signalled else old)

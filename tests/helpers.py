@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import threading
 from typing import Callable, Optional, Sequence
 
 from remus.channel import Silence
@@ -190,4 +193,81 @@ def stop_after(stop: StopFlag, n: int) -> Callable[[object], None]:
     return callback
 
 
-__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "stop_after"]
+__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "LinkProxy",
+           "free_loopback_port", "stop_after"]
+
+
+# --------------------------------------------------------------------------- loopback plumbing
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LinkProxy:
+    """A TCP proxy on 127.0.0.1 between one client and ``127.0.0.1:target``.
+
+    ``freeze()`` makes it stop forwarding in both directions without closing
+    anything (no FIN, no RST): a link that silently stops.  Until then, an EOF
+    from one side is passed on as a half-close to the other.  ``close()`` ends it.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = int(self.listener.getsockname()[1])
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="link-proxy", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        self._socks += [client, server]
+        for src, dst in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                self.closed.wait(0.05)
+                continue
+            try:
+                readable, _, _ = select.select([src], [], [], 0.05)
+                if not readable or self.frozen.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for s in self._socks:
+            s.close()
