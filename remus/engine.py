@@ -103,6 +103,8 @@ class Engine:
         self.holding = False
         #: After the run: did the backup confirm the CLOSE (None: no CLOSE was sent)?
         self.close_confirmed: Optional[bool] = None
+        #: Did the backup accept the session?
+        self.opened = False
         self._summary = Summary()
         self._last_suspend: Optional[float] = None
         self.seq = 0
@@ -146,6 +148,7 @@ class Engine:
         self.devices.install()
         info = self.domain.info
         self.channel.open(session_header(dict(self.session, domain=info.name, kind=info.kind, **info.details)))
+        self.opened = True
         next_start = self.clock.now()
         while self.clock.wait_until(next_start, self.stop):
             self.seq += 1

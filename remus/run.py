@@ -144,7 +144,9 @@ def _protect(settings: Settings, domain: Domain, stop: StopFlag) -> int:
         reporter.finish(engine.statistics())
     if status == 0:
         told = ""
-        if not settings.blackhole:
+        if not settings.blackhole and not engine.opened:
+            told = "no session with the backup had begun; "
+        elif not settings.blackhole:
             told = ("the backup confirmed the end of the session; " if engine.close_confirmed else
                     "the backup did not confirm the end of the session (check that it did not take over); ")
         _say(f"stopped ({stop.reason or 'requested'}); {told}{runs_on(domain)}, its output released")
