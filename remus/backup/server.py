@@ -730,6 +730,7 @@ class Receiver:
         session = live.session
         if session.state in (State.HEADER, State.SESSION) or live.standby is None:
             self.say(f"connection from {live.host} ended before opening a session: {reason}")
+            self.on_event({"event": "no-session", "peer": live.host, "reason": reason})
             return
         if session.image.seq == 0:
             self.say(f"primary lost ({reason}); no complete checkpoint of {live.name} was received: "
