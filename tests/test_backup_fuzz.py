@@ -120,6 +120,7 @@ def check_commits(session: BackupSession, outputs: list[Any], primary: SmallPrim
     return len(commits)
 
 
+@pytest.mark.slow
 def test_fuzzing_the_sans_io_session_commits_only_real_checkpoints() -> None:
     started = time.monotonic()
     committed = protocol_errors = 0
