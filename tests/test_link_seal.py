@@ -69,7 +69,14 @@ def test_a_large_plaintext_is_split_at_frame_max() -> None:
 
 def test_an_empty_plaintext_sends_nothing() -> None:
     sealer = Sealer(KEY)
-    assert sealer.seal(b"") == b"" and sealer.frames == 0
+    assert sealer.seal(b"") == b"" and sealer.seal_frames(b"") == [] and sealer.frames == 0
+
+
+def test_seal_frames_gives_the_same_frames_one_by_one() -> None:
+    plaintext = random.Random(9).randbytes(2500)
+    frames = Sealer(KEY, frame_max=1000).seal_frames(plaintext)
+    assert [len(f) for f in frames] == [1020, 1020, 520]
+    assert b"".join(frames) == Sealer(KEY, frame_max=1000).seal(plaintext)
 
 
 def test_the_ciphertext_hides_the_plaintext_and_never_repeats() -> None:
@@ -204,7 +211,7 @@ def test_nothing_from_a_bad_frame_on_is_delivered() -> None:
 
 def test_a_length_over_the_bound_is_refused_before_its_body_is_buffered() -> None:
     opener = Opener(KEY)
-    refused(opener, HEADER.pack(FRAME_MAX + 1), "announces 1048577 bytes", "over the bound of 1048576")
+    refused(opener, HEADER.pack(FRAME_MAX + 1), f"announces {FRAME_MAX + 1} bytes", f"over the bound of {FRAME_MAX}")
     assert opener.buffered == 0
 
 
