@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import pytest
 
 from remus.errors import ActivationError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason
 from tests.test_transport import ReceiverThread

@@ -2,7 +2,7 @@
 
 ``Receiver.serve`` listens on a TCP port (all addresses, IPv6 and IPv4, by
 default), accepts one primary at a time (subject to ``hosts_allow``), and
-feeds what it sends to a ``BackupSession`` (``remus.backup``), sending back
+feeds what it sends to a ``BackupSession`` (``remus.backup.session``), sending back
 its ACKs and a HEARTBEAT every ``HEARTBEAT_INTERVAL_S``.
 
 When the primary is lost (EOF, reset, an invalid stream, or nothing from it
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from remus.backup import (
+from remus.backup.session import (
     BackupSession,
     ClosedByPrimary,
     Committed,
@@ -42,7 +42,7 @@ from remus.backup import (
 )
 from remus.clock import StopFlag
 from remus.errors import RemoteProtocolError, RemusError, TransportError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason, StreamHeader
 from remus.transport import HEARTBEAT_INTERVAL_S, Heartbeats, LockedSocket, display_address, tune

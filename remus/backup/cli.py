@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``remus-receiver`` command; returns the exit status (2 on usage errors)."""
     import logging
 
-    from remus.receiver import Receiver
+    from remus.backup.server import Receiver
     from remus.signals import stop_on_signals
 
     try:

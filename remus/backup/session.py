@@ -4,7 +4,7 @@
 answers with what happened (a list of ``Output`` values): records to send
 back (acks), the session being opened or refused, checkpoints committed, and
 the primary closing the session in order.  It never touches a socket, a
-clock or a guest; ``remus.receiver`` does.
+clock or a guest; ``remus.backup.server`` does.
 
 Theory of operation.  The state machine (``_ALLOWED``) is::
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from remus.errors import RemoteProtocolError, RemusError, UsageError
-from remus.image import Image, Staging
+from remus.backup.image import Image, Staging
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
 from remus.stream.compression import PageDecompressor
 from remus.stream.records import (
