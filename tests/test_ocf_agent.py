@@ -419,3 +419,78 @@ def test_ocf_tester_passes_on_a_simulated_domain(nodes: Callable[..., Node], tmp
     assert result.returncode == 0, (result.stdout, result.stderr, node.logs())
     assert f"{agent} passed all tests" in result.stdout
     assert "Your agent" not in result.stdout.replace("does not support the reload action", "")
+
+
+# ------------------------------------------------------------------ Xen, with a stand-in xl
+
+
+FAKE_XL = """#!/bin/sh
+# Stand-in for xl: a domain exists while the file dom-NAME does.
+d=$FAKE_XL_DIR
+echo "xl $*" >> "$d/calls"
+case "$1" in
+create) name=$(sed -n 's/^name *= *"\\(.*\\)"/\\1/p' "$2"); touch "$d/dom-$name" ;;
+domid) [ -e "$d/dom-$2" ] && echo 7 && exit 0
+       echo "Can't get domid of domain name '$2', maybe this domain does not exist." >&2; exit 1 ;;
+shutdown) rm -f "$d/dom-$3" ;;
+destroy) rm -f "$d/dom-$2" ;;
+esac
+"""
+
+# remus that cannot reach its backup: exits 1 at once, as when no receiver listens.
+FAKE_REMUS = """#!/bin/sh
+echo "remus $*" >> "$FAKE_XL_DIR/calls"
+echo "remus: no remus-receiver is listening on $1" >&2
+exit 1
+"""
+
+
+def xen_node(nodes: Callable[..., Node], tmp_path: Path) -> tuple[Node, Path]:
+    fake = tmp_path / "fake-xen"
+    fake.mkdir()
+    for name, text in (("xl", FAKE_XL), ("remus", FAKE_REMUS)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    (fake / "remus-receiver").symlink_to(BIN / "remus-receiver")
+    config = tmp_path / "vmx.cfg"
+    config.write_text('name = "vmx"\nmemory = 128\n')
+    node = nodes("x", domain="vmx", kind="xen", config=str(config), peer="127.0.0.1",
+                 peer_port=str(free_port()), retry="1", bin_dir=str(fake))
+    node.env.update(PATH=f"{fake}:{os.environ['PATH']}", FAKE_XL_DIR=str(fake))
+    return node, fake
+
+
+@needs_ocf
+def test_xen_promote_creates_protects_and_demote_shuts_down(nodes: Callable[..., Node], tmp_path: Path) -> None:
+    node, fake = xen_node(nodes, tmp_path)
+    calls = fake / "calls"
+    node.ok("start")
+    node.ok("monitor", OCF_SUCCESS)
+    node.ok("promote")  # no checkpoint: xl create
+    assert f"xl create {node.env['OCF_RESKEY_config']}" in calls.read_text()
+    node.ok("monitor", OCF_RUNNING_PROMOTED)
+    # The peer does not answer: the protector retries remus every `retry` s.
+    wait_for(lambda: calls.read_text().count("remus -i 50") >= 2, "the protector's second attempt")
+    assert "remus -i 50 -p" in calls.read_text() and " vmx 127.0.0.1" in calls.read_text()
+    assert node.status().returncode == 1  # the promoted node runs no receiver
+    protector = node.pid("protector")
+    assert protector is not None
+    node.ok("demote")
+    assert "xl shutdown -w vmx" in calls.read_text()
+    assert not (fake / "dom-vmx").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(protector, 0)
+    node.ok("monitor", OCF_SUCCESS)
+    node.ok("stop")
+    node.ok("monitor", OCF_NOT_RUNNING)
+
+
+@needs_ocf
+def test_xen_domain_running_outside_the_agent(nodes: Callable[..., Node], tmp_path: Path) -> None:
+    node, fake = xen_node(nodes, tmp_path)
+    (fake / "dom-vmx").touch()  # started by hand, or left from before a reboot of /run
+    # A probe reports it as promoted, so Pacemaker never starts a second copy.
+    assert node.rc("monitor", OCF_RESKEY_CRM_meta_interval="0") == OCF_RUNNING_PROMOTED
+    node.ok("stop")  # stop means: it does not run here
+    assert not (fake / "dom-vmx").exists()
+    node.ok("monitor", OCF_NOT_RUNNING)
