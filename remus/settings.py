@@ -32,4 +32,5 @@ class Settings:
     timer: bool = False
     stats_json: Optional[str] = None
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
+    key_file: Optional[str] = None
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -177,8 +177,9 @@ _R_TO_I = b"responder to initiator"
 class _Reader:
     """Collects exactly one fixed-size message, checking its prefix byte by byte."""
 
-    def __init__(self, who: str, kind: int, size: int, expected: str) -> None:
+    def __init__(self, who: str, kind: int, size: int, expected: str, hint: str = "") -> None:
         self.who = who
+        self.hint = hint
         self.kind = kind
         self.size = size
         self.expected = expected
@@ -226,7 +227,7 @@ class _Reader:
     def cut(self) -> AuthenticationFailed:
         return AuthenticationFailed(
             f"{self.who} closed the connection during the handshake "
-            f"({len(self.buffer)} of the {self.size} bytes of its {self.expected})"
+            f"({len(self.buffer)} of the {self.size} bytes of its {self.expected}){self.hint}"
         )
 
 
@@ -337,7 +338,10 @@ class Initiator(_Side):
         self._private, public = _ephemeral(self._rng)
         body = _prefix(HELLO) + self._rng(NONCE_BYTES) + public
         self._hello = body + self._schedule.binder(body)
-        self._reader = _Reader("the backup", REPLY, REPLY_BYTES, "reply")
+        self._reader = _Reader(
+            "the backup", REPLY, REPLY_BYTES, "reply",
+            ": it does not hold this host's key (see its log), or runs an older remus-receiver",
+        )
         return self._hello
 
     def _message(self, reply: bytes, rest: bytes) -> None:

@@ -163,8 +163,8 @@ class _Unframer:
         Raises:
             AuthenticationFailed: a frame failed (altered, injected, replayed,
                 reordered, over the bound, data after FINAL) or EOF cut a frame;
-                nothing from that frame on is returned, and every later call
-                raises it again.
+                nothing this call opened is returned (not even the frames before
+                the bad one), and every later call raises it again.
         """
         if self._failure is not None:
             raise self._failure

@@ -60,7 +60,7 @@ MAX_BATCH_PAGES = 1024
 
 # --- this project's stream header and records ---
 STREAM_ID = 0x524D5553  # "RMUS"
-STREAM_VERSION = 1
+STREAM_VERSION = 2  # 2: sealed link, ACCEPT, COMMIT with its capture time
 STREAM_HEADER_SIZE = 24
 REMUS_REC_BASE = 0x52450000
 
@@ -128,6 +128,33 @@ def page_type_has_data(pfn_word: int) -> bool:
     return page_type not in _NO_DATA_TYPES
 
 
+#: How deeply the JSON of a SESSION record may nest (the primary writes 3 levels).
+MAX_JSON_DEPTH = 16
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest, without parsing it
+    (``json.loads`` recurses, so a hostile text of 20,000 ``[`` would exhaust the stack)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise RemoteProtocolError(what)
@@ -189,6 +216,7 @@ class Session:
     @classmethod
     def decode_body(cls, body: bytes) -> "Session":
         _need(len(body) <= cls.MAX_BODY, "session record too large")
+        _need(json_depth(body) <= MAX_JSON_DEPTH, f"session record nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             info = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -358,17 +386,21 @@ class SimVcpu:
 class Commit:
     """Checkpoint ``seq`` is complete: ``u64 seq``, ``u32 records`` (how many
     records it had, this one excluded), ``u32 crc32`` (of those records'
-    bytes on the wire, headers and padding included)."""
+    bytes on the wire, headers and padding included), ``u64 captured_unix_ms``
+    (the primary's wall clock when it suspended the domain for it, 0 if
+    unknown: lets the backup tell a checkpoint's real age even after it was
+    itself stalled)."""
 
     seq: int
     records: int
     crc32: int
+    captured_unix_ms: int = 0
 
     TYPE: ClassVar[int] = RemusRecType.COMMIT
-    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QII")
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QIIQ")
 
     def encode_body(self) -> bytes:
-        return self._FORMAT.pack(self.seq, self.records, self.crc32)
+        return self._FORMAT.pack(self.seq, self.records, self.crc32, self.captured_unix_ms)
 
     @classmethod
     def decode_body(cls, body: bytes) -> "Commit":
