@@ -75,7 +75,7 @@ from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
 from remus.stream.codec import encode_record
-from remus.stream.records import Accept, Close, CloseReason, Heartbeat
+from remus.stream.records import Accept, Close, CloseReason, Heartbeat, StreamHeader
 from remus.transport import HEARTBEAT_INTERVAL_S, display_address, tune
 
 log = logging.getLogger(__name__)
@@ -486,9 +486,6 @@ class Receiver:
     def _advance(self, pending: _Pending, readable: bool) -> None:
         if pending.allowed is None and pending.lookup is not None and pending.lookup.done():
             pending.allowed = bool(pending.lookup.result())
-        if pending.allowed is False:
-            self._drop_pending(pending, f"host {pending.host} is not allowed by --hosts-allow")
-            return
         if readable:
             try:
                 data = pending.sock.recv(max(1, pending.responder.bytes_needed) or 1)
@@ -512,7 +509,8 @@ class Receiver:
                 if not data and not pending.responder.done:
                     self._drop_pending(pending, "closed before authenticating", quiet=True)
                     return
-        if pending.responder.done and pending.allowed:
+        if pending.responder.done and pending.allowed is not None:
+            # A peer not allowed by hosts-allow hears why only once it proved it holds the key.
             self._pending.remove(pending)
             self._authenticated(pending)
         elif time.monotonic() > pending.deadline:
@@ -533,9 +531,17 @@ class Receiver:
         tune(sock)
         link = SealedLink.from_keys(pending.responder.result, pending.responder.unused_data)
         out = _SealedOut(sock, link)
+        if not pending.allowed:
+            self._refuse_connection(sock, out, pending.host, f"host {pending.host} is not allowed by --hosts-allow")
+            return
         if self._live is not None:
             reason = f"this receiver is busy protecting {self._live.name} from {self._live.host}"
             self._refuse_connection(sock, out, pending.host, reason)
+            return
+        try:
+            out.send(StreamHeader().encode())
+        except OSError:
+            _close(sock)
             return
         session = BackupSession(self.max_memory)
         heartbeats = _Heartbeats(out)
@@ -546,7 +552,7 @@ class Receiver:
         self.say(f"refused a session from {host}: {reason}")
         self.on_event({"event": "refused", "peer": host, "reason": reason})
         try:
-            out.send(encode_record(Close(CloseReason.REFUSED, reason)))
+            out.send(StreamHeader().encode() + encode_record(Close(CloseReason.REFUSED, reason)))
             out.link.send_final(sock)
         except OSError:
             pass
