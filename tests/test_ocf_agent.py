@@ -10,6 +10,7 @@ are checked through a stand-in ``crm_attribute`` that records its arguments.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -312,13 +313,12 @@ def pair(nodes: Callable[..., Node], tmp_path: Path, domain: str) -> tuple[Node,
 
 
 def status_seq(node: Node) -> Optional[int]:
-    import json
-
+    """The last committed checkpoint the node's receiver holds (it reports its age), or None."""
     result = node.status()
     if result.returncode != 0:
         return None
-    seq = json.loads(result.stdout).get("seq")
-    return seq if isinstance(seq, int) else None
+    answer = json.loads(result.stdout)
+    return answer["seq"] if answer.get("age_s") is not None else None
 
 
 @needs_ocf
@@ -406,14 +406,16 @@ def test_promotion_scores(nodes: Callable[..., Node], tmp_path: Path) -> None:
     wait_for(lambda: (status_seq(b) or 0) >= 1, "b's receiver to hold a checkpoint")
     b.ok("monitor", OCF_SUCCESS)
     assert last_score() == "--promotion -v 50 -q"  # a receiver holding a checkpoint
-    b.ok("stop")
-    assert last_score() == "--promotion -D -q"
     # Outside a promotable clone no score is set.
     lines = len(log.read_text().splitlines())
-    a.env.pop("OCF_RESKEY_CRM_meta_promotable")
-    a.env.pop("OCF_RESKEY_CRM_meta_clone_max")
+    for node in (a, b):
+        node.env.pop("OCF_RESKEY_CRM_meta_promotable")
     a.ok("monitor", OCF_RUNNING_PROMOTED)
+    b.ok("monitor", OCF_SUCCESS)
     assert len(log.read_text().splitlines()) == lines
+    b.env["OCF_RESKEY_CRM_meta_promotable"] = "true"
+    b.ok("stop")
+    assert last_score() == "--promotion -D -q"
 
 
 # ------------------------------------------------------------------ ocf-tester
