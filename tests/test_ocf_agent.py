@@ -35,10 +35,6 @@ BIN = Path(sys.executable).parent
 OCF_SUCCESS, OCF_ERR_GENERIC, OCF_ERR_INSTALLED, OCF_ERR_CONFIGURED = 0, 1, 5, 6
 OCF_NOT_RUNNING, OCF_RUNNING_PROMOTED, OCF_FAILED_PROMOTED = 7, 8, 9
 
-# What needs the receiver's control socket (remus-receiver status/activate,
-# --takeover=manual, --control) and the link key (remus-keygen).
-RECEIVER_CONTROL = "remus-receiver status/activate, --takeover=manual and --control (issue 9, lead's receiver)"
-
 needs_ocf = pytest.mark.skipif(
     not SHELLFUNCS.exists(), reason=f"{SHELLFUNCS} missing: apt-get install resource-agents"
 )
@@ -152,10 +148,7 @@ class Node:
 @pytest.fixture
 def key(tmp_path: Path) -> Path:
     path = tmp_path / "authkey"
-    keygen = BIN / "remus-keygen"
-    if not keygen.exists():
-        pytest.xfail("remus-keygen is missing (issue 8, the sealed link)")
-    subprocess.run([str(keygen), f"--key-file={path}"], check=True, capture_output=True, timeout=30)
+    subprocess.run([str(BIN / "remus-keygen"), f"--key-file={path}"], check=True, capture_output=True, timeout=30)
     return path
 
 
@@ -334,6 +327,7 @@ def test_failover_promotes_the_receiver_from_its_last_checkpoint(nodes: Callable
     remus = a.pid("remus")
     assert remus is not None
     os.kill(remus, signal.SIGKILL)
+    wait_for(lambda: not running(remus), "a's remus to die")
     a.ok("monitor", OCF_FAILED_PROMOTED)
     b.ok("promote")
     b.ok("monitor", OCF_RUNNING_PROMOTED)

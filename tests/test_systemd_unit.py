@@ -69,12 +69,11 @@ def test_unit_keys() -> None:
 def test_default_file_options_parse() -> None:
     options = default_options()
     assert "--control=/run/remus/receiver.sock" in options  # inside RuntimeDirectory=remus
-    try:
-        from remus.backup.cli import parse
-    except ImportError:  # before the backup package landed
-        from remus.receiver_cli import parse  # type: ignore[no-redef]
+    from remus.backup.cli import parse
+
     settings = parse(options)
-    assert settings["port"] == 8002
+    assert settings["command"] == "serve"
+    assert (settings["port"], settings["control"]) == (8002, "/run/remus/receiver.sock")
 
 
 def test_default_file_documents_only_real_options() -> None:
