@@ -262,6 +262,12 @@ def test_lifecycle_without_a_peer(nodes: Callable[..., Node], tmp_path: Path) ->
     node.ok("monitor", OCF_NOT_RUNNING)
     node.ok("stop")
     assert node.status().returncode == 1  # no receiver answers
+    # A stop needs only the state directory: with the key gone it still stops everything.
+    node.ok("start")
+    receiver = node.pid("receiver")
+    assert receiver is not None and running(receiver)
+    assert node.rc("stop", OCF_RESKEY_key_file=str(tmp_path / "gone")) == OCF_SUCCESS
+    assert not running(receiver)
 
 
 @needs_ocf
