@@ -500,6 +500,13 @@ def test_xen_promote_creates_protects_and_demote_shuts_down(nodes: Callable[...,
     assert node.status().returncode == 1  # the promoted node runs no receiver
     protector = node.pid("protector")
     assert protector is not None
+    # A protector that died is started again by the next monitor.
+    os.kill(protector, signal.SIGKILL)
+    wait_for(lambda: not running(protector), "the protector to die")
+    monitor = node.run("monitor")
+    assert monitor.returncode == OCF_RUNNING_PROMOTED and "starting it again" in monitor.stderr
+    protector = node.pid("protector")
+    assert protector is not None and running(protector)
     node.ok("demote")
     assert "xl shutdown -w vmx" in calls.read_text()
     assert not (fake / "dom-vmx").exists()
