@@ -23,7 +23,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence, cast
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
@@ -49,10 +49,52 @@ SIM_DHDR_TYPE = 0x5245534D
 ACK_TIMEOUT_S = 5.0
 
 
-def initial_memory(spec: SimSpec) -> bytes:
-    """The guest's memory at boot: seeded pseudo-random data in the first half, zeros after."""
+#: The guest's boot memory is made in chunks of this size (``random.randbytes`` takes a
+#: C int of bits: one call must stay under 256 MiB), each from its own seed.
+INIT_CHUNK_BYTES = 16 << 20
+#: ``words`` memory at boot: random bytes, about 55 % of them mapped to zero.
+_WORDS_TABLE = bytes(0 if b < 140 else b for b in range(256))
+
+
+def initial_chunk(spec: SimSpec, index: int) -> bytes:
+    """Chunk ``index`` (of ``INIT_CHUNK_BYTES``) of the guest's memory at boot.
+
+    ``random``: seeded pseudo-random data in the first half of memory, zeros
+    after; ``words``: pseudo-random data with about 55 % of its bytes zero, all
+    over memory.  Each chunk has its own seed, so any chunk of a 16 GiB guest
+    can be made alone.
+
+    Raises:
+        ValueError: ``index`` is beyond the guest's memory.
+    """
+    start = index * INIT_CHUNK_BYTES
+    if not 0 <= start < spec.memory:
+        raise ValueError(f"chunk {index} is beyond the guest's memory")
+    length = min(INIT_CHUNK_BYTES, spec.memory - start)
+    rng = random.Random(f"remus-sim:{spec.seed}:{index}")
+    if spec.pattern == "words":
+        return rng.randbytes(length).translate(_WORDS_TABLE)
     half = (spec.pages // 2) * PAGE_SIZE
-    return random.Random(spec.seed).randbytes(half) + bytes(spec.memory - half)
+    random_len = max(0, min(length, half - start))
+    return rng.randbytes(random_len) + bytes(length - random_len)
+
+
+def initial_chunks(spec: SimSpec) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) of every boot memory chunk that is not all zero, in order."""
+    half = (spec.pages // 2) * PAGE_SIZE
+    for index in range(-(-spec.memory // INIT_CHUNK_BYTES)):
+        start = index * INIT_CHUNK_BYTES
+        if spec.pattern == "random" and start >= half:
+            return
+        yield start, initial_chunk(spec, index)
+
+
+def initial_memory(spec: SimSpec) -> bytes:
+    """The guest's whole memory at boot, as one buffer (for tests of small guests)."""
+    memory = bytearray(spec.memory)
+    for offset, data in initial_chunks(spec):
+        memory[offset : offset + len(data)] = data
+    return bytes(memory)
 
 
 class SimulatedDomain:
@@ -69,10 +111,12 @@ class SimulatedDomain:
         self._captures = 0
         try:
             if image is None:
-                self.mem.fill(initial_memory(spec))
+                for offset, data in initial_chunks(spec):
+                    self.mem.write_at(offset, data)
                 self.mem.write_vcpu(0, spec.seed, 0)
                 self.mem.mark_all_dirty()
-                self.digest = MemoryDigest.of(self.mem.memory_bytes())
+                # Every page is dirty: the first capture hashes each one into this.
+                self.digest = MemoryDigest(spec.pages)
             else:
                 assert vcpu is not None
                 self.mem.fill(image)
@@ -112,6 +156,7 @@ class SimulatedDomain:
             sys.executable, "-m", "remus.sim.guest",
             *(str(fd) for fd in child_fds), str(self.spec.pages),
             str(self.spec.dirty_rate), str(self.spec.locality), str(self.spec.packet_rate),
+            self.spec.pattern,
         ]
         try:
             self._proc = subprocess.Popen(args, pass_fds=child_fds, start_new_session=True,
@@ -165,12 +210,25 @@ class SimulatedDomain:
         self._suspended = True
 
     def capture(self) -> Capture:
-        """Copy the dirty pages and the vCPU (guest stopped); hash them after it resumed."""
+        """Copy the dirty pages and the vCPU (guest stopped); hash them after it resumed.
+
+        The pages are copied into one buffer (runs of adjacent dirty pages in
+        one copy each), and the records carry views of it: no per-page
+        objects outlive the checkpoint, and the buffer goes back to the
+        system whole once the checkpoint is sent.
+        """
         if not self._suspended:
             raise DomainError(f"sim:{self.spec.name}: capture while the guest runs")
         mem = self.mem
         dirty = mem.take_dirty()
-        pages = [mem.page(pfn) for pfn in dirty]
+        snapshot = bytearray(len(dirty) * PAGE_SIZE)
+        with memoryview(mem.map) as source:
+            for index, start, count in _runs(dirty):
+                src = mem.mem_offset + start * PAGE_SIZE
+                snapshot[index * PAGE_SIZE : (index + count) * PAGE_SIZE] = source[src : src + count * PAGE_SIZE]
+        view = memoryview(snapshot).toreadonly()
+        # The records' pages are read-only views; everything that reads them takes bytes-like objects.
+        pages = [cast(bytes, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(len(dirty))]
         counter, rng, writes = mem.read_vcpu()
         first = self._first_capture
         self._first_capture = False
@@ -242,6 +300,17 @@ class SimulatedDomain:
         if sink is not None:
             sink.close()
         self.mem.close()
+
+
+def _runs(pfns: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """(index in ``pfns``, first pfn, length) of each run of consecutive PFNs in sorted ``pfns``."""
+    index = 0
+    while index < len(pfns):
+        end = index + 1
+        while end < len(pfns) and pfns[end] == pfns[end - 1] + 1:
+            end += 1
+        yield index, pfns[index], end - index
+        index = end
 
 
 def spec_from_session(details: Mapping[str, object]) -> SimSpec:
