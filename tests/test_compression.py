@@ -233,3 +233,18 @@ def test_numpy_and_pure_python_paths_put_the_same_bytes_on_the_wire(policy: str)
                     got.append((word, page))
         sent = [(w, p) for records in checkpoints for r in records for w, p in zip(r.pfns, _data(r))]
         assert got == sent
+
+
+@needs_numpy
+@settings(max_examples=100, deadline=None)
+@given(checkpoints=st.lists(entries, min_size=1, max_size=6), cache_pages=st.integers(0, 12), lru=st.booleans())
+def test_both_cache_representations_make_the_same_decisions(checkpoints: list, cache_pages: int, lru: bool) -> None:
+    policy = "lru" if lru else "second"
+    pure = PageCompressor(cache_pages, vectorised=False, policy=policy)
+    fast = PageCompressor(cache_pages, vectorised=True, policy=policy)
+    for checkpoint in checkpoints:
+        records = to_records(checkpoint)
+        assert [b.encode_body() for b in pure.compress(records)] == [b.encode_body() for b in fast.compress(records)]
+        assert (pure.cache.hits, pure.cache.misses, len(pure.cache)) == (fast.cache.hits, fast.cache.misses,
+                                                                         len(fast.cache))
+        assert all((pfn in pure.cache) == (pfn in fast.cache) for pfn in range(42))

@@ -23,7 +23,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import Iterator, Mapping, Optional, Sequence, cast
+from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
@@ -41,6 +41,12 @@ from remus.stream.records import (
     SimVcpu,
 )
 
+np: Any
+try:
+    import numpy as np
+except ImportError:  # the boot memory of pattern=words is then shaped with Python integers
+    np = None
+
 log = logging.getLogger(__name__)
 
 #: Domain-header type of a simulated domain ("RESM"); libxc's are 1 (PV) and 2 (HVM).
@@ -52,16 +58,41 @@ ACK_TIMEOUT_S = 5.0
 #: The guest's boot memory is made in chunks of this size (``random.randbytes`` takes a
 #: C int of bits: one call must stay under 256 MiB), each from its own seed.
 INIT_CHUNK_BYTES = 16 << 20
-#: ``words`` memory at boot: random bytes, about 55 % of them mapped to zero.
-_WORDS_TABLE = bytes(0 if b < 140 else b for b in range(256))
+#: ``words`` memory at boot is an array of 64-byte objects of eight 64-bit words:
+#: (mask of random bits kept, constant or-ed in) per word: two pointers into the
+#: direct map, a small integer, a 32-bit counter, zero, a random word, flags, zero.
+_POINTER = (0x0000000003FFFFC0, 0xFFFF888000000000)
+_OBJECT = (_POINTER, _POINTER, (0xFFF, 0), (0xFFFFFFFF, 0), (0, 0), ((1 << 64) - 1, 0), (0xFF, 0), (0, 0))
+_OBJECT_MASK = b"".join(m.to_bytes(8, "little") for m, _ in _OBJECT)
+_OBJECT_BITS = b"".join(c.to_bytes(8, "little") for _, c in _OBJECT)
+
+
+def _words_memory(random_bytes: bytes) -> bytes:
+    """``random_bytes`` shaped into ``words`` objects (a multiple of 64 bytes long)."""
+    count = len(random_bytes) // len(_OBJECT_MASK)
+    if np is not None:
+        words = np.frombuffer(random_bytes, dtype=np.uint64).reshape(count, len(_OBJECT))
+        shaped = (words & np.frombuffer(_OBJECT_MASK, dtype=np.uint64)) | np.frombuffer(
+            _OBJECT_BITS, dtype=np.uint64)
+        return bytes(shaped.data)
+    pieces = []
+    step = 1 << 16  # Python integers: linear up to about this size
+    mask = int.from_bytes(_OBJECT_MASK * (step // 64), "little")
+    bits = int.from_bytes(_OBJECT_BITS * (step // 64), "little")
+    for off in range(0, len(random_bytes), step):
+        n = min(step, len(random_bytes) - off)
+        value = int.from_bytes(random_bytes[off : off + n], "little")
+        pieces.append(((value & mask) | bits).to_bytes(n, "little") if n == step else
+                      ((value & (mask >> 8 * (step - n))) | (bits >> 8 * (step - n))).to_bytes(n, "little"))
+    return b"".join(pieces)
 
 
 def initial_chunk(spec: SimSpec, index: int) -> bytes:
     """Chunk ``index`` (of ``INIT_CHUNK_BYTES``) of the guest's memory at boot.
 
     ``random``: seeded pseudo-random data in the first half of memory, zeros
-    after; ``words``: pseudo-random data with about 55 % of its bytes zero, all
-    over memory.  Each chunk has its own seed, so any chunk of a 16 GiB guest
+    after; ``words``: 64-byte objects of pointers, small integers, counters,
+    flags, zeros and a random word (see ``_OBJECT``), all over memory.  Each chunk has its own seed, so any chunk of a 16 GiB guest
     can be made alone.
 
     Raises:
@@ -73,7 +104,7 @@ def initial_chunk(spec: SimSpec, index: int) -> bytes:
     length = min(INIT_CHUNK_BYTES, spec.memory - start)
     rng = random.Random(f"remus-sim:{spec.seed}:{index}")
     if spec.pattern == "words":
-        return rng.randbytes(length).translate(_WORDS_TABLE)
+        return _words_memory(rng.randbytes(length))
     half = (spec.pages // 2) * PAGE_SIZE
     random_len = max(0, min(length, half - start))
     return rng.randbytes(random_len) + bytes(length - random_len)

@@ -65,9 +65,10 @@ DEFAULT_LEVEL = 1
 VECTORISED = np is not None
 #: Admission policies of ``PageCache`` (see the module docstring).
 POLICIES = ("second", "lru")
-#: PFNs below this are remembered in a bitmap (one bit each, 128 MiB at most), others in a set.
-_BITMAP_PFNS = 1 << 30
+#: Pages of PFNs at or above this (4 TiB of guest) are never cached: always sent whole.
+CACHED_PFNS = 1 << 30
 _WORDS_PER_PAGE = PAGE_SIZE // 8
+_NO_SLOT = -1
 
 
 def xor_pages(a: "bytes | memoryview", b: "bytes | memoryview") -> bytes:
@@ -76,138 +77,197 @@ def xor_pages(a: "bytes | memoryview", b: "bytes | memoryview") -> bytes:
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-class _PfnSet:
-    """PFNs seen at least once: a growing bitmap, with a set for PFNs beyond ``_BITMAP_PFNS``."""
-
-    def __init__(self) -> None:
-        self._bits = bytearray()
-        self._far: set[int] = set()
-
-    def add(self, pfn: int) -> bool:
-        """Remember ``pfn``; True if it was already there."""
-        if pfn >= _BITMAP_PFNS:
-            seen = pfn in self._far
-            self._far.add(pfn)
-            return seen
-        byte, bit = pfn >> 3, 1 << (pfn & 7)
-        if byte >= len(self._bits):
-            self._bits.extend(bytes(max(byte + 1, 2 * len(self._bits)) - len(self._bits)))
-        seen = bool(self._bits[byte] & bit)
-        self._bits[byte] |= bit
-        return seen
-
-
 class PageCache:
-    """Last sent version of up to ``capacity`` pages, in one slab (see the module docstring)."""
+    """Last sent version of up to ``capacity`` pages, in one slab (see the module docstring).
 
-    def __init__(self, capacity: int = DEFAULT_CACHE_PAGES, policy: str = "second") -> None:
+    ``place(pfns)`` accounts for sending a *segment* (PFNs all different) and
+    says, per PFN, which slot holds its last sent version (to XOR against)
+    and which slot its new version goes to.  The rule, identical in both
+    representations: hits first, in order (they become the most recently
+    sent); then each miss in order takes a never-used slot while there is
+    one, else, if admitted (policy ``lru``, or sent before), the slot of the
+    least recently sent page not touched by this segment; a miss that gets
+    no slot is not cached.  With ``vectorised`` the state is numpy arrays
+    indexed by PFN and slot (last-sent stamps instead of a linked order),
+    else an ``OrderedDict`` and a bitmap.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_PAGES, policy: str = "second",
+                 vectorised: bool = False) -> None:
         if capacity < 0:
             raise ValueError("cache capacity must be >= 0")
         if policy not in POLICIES:
             raise ValueError(f"cache policy must be one of {', '.join(POLICIES)}")
+        if vectorised and np is None:
+            raise ValueError("a vectorised cache needs numpy (pip install 'remus[fast]')")
         self.capacity = capacity
         self.policy = policy
+        self.vectorised = vectorised
         # calloc'ed: the system backs a slot only once a page is written into it.
         self.slab = bytearray(capacity * PAGE_SIZE)
-        self._slots: "OrderedDict[int, int]" = OrderedDict()
-        self._free = list(range(capacity - 1, -1, -1))
-        self._seen = _PfnSet()
+        self._next_free = 0
         self.hits = 0
         self.misses = 0
+        if vectorised:
+            self._slot_of = np.full(0, _NO_SLOT, dtype=np.int64)
+            self._seen_np = np.zeros(0, dtype=np.bool_)
+            self._pfn_of = np.full(capacity, -1, dtype=np.int64)
+            self._stamp = np.zeros(capacity, dtype=np.int64)
+            self._clock = 1
+        else:
+            self._slots: "OrderedDict[int, int]" = OrderedDict()
+            self._seen = bytearray()
 
     def __len__(self) -> int:
+        if self.vectorised:
+            return int((self._pfn_of >= 0).sum())
         return len(self._slots)
 
     def __contains__(self, pfn: int) -> bool:
+        if self.vectorised:
+            return bool(pfn < len(self._slot_of) and self._slot_of[pfn] >= 0)
         return pfn in self._slots
 
-    def place(self, pfn: int) -> tuple[Optional[int], Optional[int]]:
-        """Account for sending ``pfn`` now: (slot of its last sent version or None,
-        slot its new version must be copied to or None).  The caller reads the
-        first slot before it writes any slot of the same batch."""
-        slot = self._slots.get(pfn)
-        if slot is not None:
-            self._slots.move_to_end(pfn)
-            self.hits += 1
-            return slot, slot
-        self.misses += 1
-        sent_before = self._seen.add(pfn)
-        if self._free:
-            slot = self._free.pop()
-        elif self.capacity and (sent_before or self.policy == "lru"):
-            _evicted, slot = self._slots.popitem(last=False)
-        else:
-            return None, None
-        self._slots[pfn] = slot
-        return None, slot
+    def place(self, pfns: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(read slot or -1, write slot or -1) per PFN of a segment (see the class docstring)."""
+        if self.vectorised:
+            read, write = self._place_numpy(np.array(pfns, dtype=np.int64))
+            return read.tolist(), write.tolist()
+        return self._place_python(pfns)
 
     def swap(self, pfn: int, page: "bytes | memoryview") -> Optional[bytes]:
         """Record ``page`` as the last sent version of ``pfn``; return the previous one."""
-        read, write = self.place(pfn)
-        old = None if read is None else bytes(self.slab[read * PAGE_SIZE : (read + 1) * PAGE_SIZE])
-        if write is not None:
+        (read,), (write,) = self.place([pfn])
+        old = None if read < 0 else bytes(self.slab[read * PAGE_SIZE : (read + 1) * PAGE_SIZE])
+        if write >= 0:
             self.slab[write * PAGE_SIZE : (write + 1) * PAGE_SIZE] = page
         return old
 
+    # -- pure Python ---------------------------------------------------------------------
+    def _place_python(self, pfns: Sequence[int]) -> tuple[list[int], list[int]]:
+        slots = self._slots
+        read = [slots.get(pfn, _NO_SLOT) for pfn in pfns]
+        touched = set()
+        for pfn, slot in zip(pfns, read):
+            if slot >= 0:
+                slots.move_to_end(pfn)
+                touched.add(pfn)
+        write = list(read)
+        for row, pfn in enumerate(pfns):
+            if read[row] >= 0 or pfn >= CACHED_PFNS:
+                continue
+            sent_before = self._seen_add(pfn)
+            if self._next_free < self.capacity:
+                slot = self._next_free
+                self._next_free += 1
+            elif self.capacity and (sent_before or self.policy == "lru"):
+                oldest = next(iter(slots))
+                if oldest in touched:
+                    continue
+                slot = slots.pop(oldest)
+            else:
+                continue
+            slots[pfn] = slot
+            touched.add(pfn)
+            write[row] = slot
+        hits = sum(1 for slot in read if slot >= 0)
+        self.hits += hits
+        self.misses += len(pfns) - hits
+        return read, write
 
-class _Segment:
-    """Data pages of one batch that hold no PFN twice: their slots, then one bulk XOR and copy."""
+    def _seen_add(self, pfn: int) -> bool:
+        byte, bit = pfn >> 3, 1 << (pfn & 7)
+        if byte >= len(self._seen):
+            self._seen.extend(bytes(max(byte + 1, 2 * len(self._seen)) - len(self._seen)))
+        seen = bool(self._seen[byte] & bit)
+        self._seen[byte] |= bit
+        return seen
 
-    def __init__(self) -> None:
-        self.pfns: set[int] = set()
-        self.pages: list["bytes | memoryview"] = []
-        self.xor_rows: list[int] = []
-        self.xor_slots: list[int] = []
-        self.write_rows: list[int] = []
-        self.write_slots: list[int] = []
+    # -- numpy -----------------------------------------------------------------------------
+    def _place_numpy(self, pfns: Any) -> tuple[Any, Any]:
+        n = len(pfns)
+        cacheable = pfns < CACHED_PFNS
+        index = np.where(cacheable, pfns, 0)
+        top = int(index.max()) + 1 if n else 0
+        if top > len(self._slot_of):
+            grow = max(top, 2 * len(self._slot_of)) - len(self._slot_of)
+            self._slot_of = np.concatenate([self._slot_of, np.full(grow, _NO_SLOT, dtype=np.int64)])
+            self._seen_np = np.concatenate([self._seen_np, np.zeros(grow, dtype=np.bool_)])
+        read = np.where(cacheable, self._slot_of[index], _NO_SLOT)
+        hit = read >= 0
+        clock = self._clock
+        self._stamp[read[hit]] = clock + np.flatnonzero(hit)
+        write = read.copy()
+        misses = np.flatnonzero(~hit & cacheable)
+        if len(misses) and self.capacity:
+            self._admit_numpy(pfns, misses, write, clock, clock + n)
+        self._seen_np[index[cacheable]] = True
+        self._clock = clock + 2 * n
+        hits = int(hit.sum())
+        self.hits += hits
+        self.misses += n - hits
+        return read, write
 
-    def add(self, pfn: int, page: "bytes | memoryview", read: Optional[int], write: Optional[int]) -> None:
-        row = len(self.pages)
-        self.pfns.add(pfn)
-        self.pages.append(page)
-        if read is not None:
-            self.xor_rows.append(row)
-            self.xor_slots.append(read)
-        if write is not None:
-            self.write_rows.append(row)
-            self.write_slots.append(write)
+    def _admit_numpy(self, pfns: Any, misses: Any, write: Any, clock: int, stamp_base: int) -> None:
+        """Give slots to the missed rows ``misses`` (in order): never-used ones, then victims
+        (slots whose stamp is below ``clock``: not touched by this segment), oldest first."""
+        seen_before = self._seen_np[pfns[misses]]
+        free = min(self.capacity - self._next_free, len(misses))
+        if free:
+            self._take(pfns, write, misses[:free],
+                       np.arange(self._next_free, self._next_free + free, dtype=np.int64), stamp_base)
+            self._next_free += free
+        rest = misses[free:]
+        if self.policy != "lru":
+            rest = rest[seen_before[free:]]
+        if not len(rest):
+            return
+        k = min(len(rest), int((self._stamp < clock).sum()))
+        if not k:
+            return
+        candidates = np.argpartition(self._stamp, k - 1)[:k] if k < self.capacity else np.arange(self.capacity)
+        victims = candidates[np.argsort(self._stamp[candidates], kind="stable")].astype(np.int64)
+        self._slot_of[self._pfn_of[victims]] = _NO_SLOT
+        self._take(pfns, write, rest[:k], victims, stamp_base)
 
-    def payload(self, slab: bytearray, vectorised: bool) -> bytes:
-        """The segment's payloads (FULL or XOR), joined; then the pages copied into their slots."""
-        if not self.pages:
-            return b""
-        if vectorised:
-            return self._payload_numpy(slab)
-        view = memoryview(slab)
-        out = list(self.pages)
-        for row, slot in zip(self.xor_rows, self.xor_slots):
-            out[row] = xor_pages(self.pages[row], view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE])
-        joined = b"".join(out)
-        for row, slot in self._last_writes():
-            view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = self.pages[row]
-        view.release()
-        return joined
+    def _take(self, pfns: Any, write: Any, rows: Any, slots: Any, stamp_base: int) -> None:
+        write[rows] = slots
+        self._slot_of[pfns[rows]] = slots
+        self._pfn_of[slots] = pfns[rows]
+        self._stamp[slots] = stamp_base + rows
 
-    def _payload_numpy(self, slab: bytearray) -> bytes:
-        new = np.frombuffer(b"".join(self.pages), dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        cache = np.frombuffer(slab, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        if self.xor_rows:
-            out = new.copy()
-            out[self.xor_rows] ^= cache[self.xor_slots]
-        else:
-            out = new
-        writes = self._last_writes()
-        if writes:
-            rows, slots = zip(*writes)
-            cache[list(slots)] = new[list(rows)]
-        return bytes(out.data)
 
-    def _last_writes(self) -> list[tuple[int, int]]:
-        """(row, slot) to copy; where a slot was handed on within the segment, its last owner only."""
-        if len(set(self.write_slots)) == len(self.write_slots):
-            return list(zip(self.write_rows, self.write_slots))
-        last = {slot: row for row, slot in zip(self.write_rows, self.write_slots)}
-        return [(row, slot) for slot, row in last.items()]
+def _xor_rows(pages: Any, rows: Any, bases: Any) -> Any:
+    """``pages`` (an array of page rows) with ``rows`` XORed with ``bases``' rows.
+
+    ``bases`` is a writable array the caller gives away (it may become the
+    result).  Gather, XOR, then one scatter: numpy's in-place ``a[rows] ^= b``
+    is ten times slower.
+    """
+    if len(rows) == len(pages):  # every page XORed: the common case of a warm cache
+        np.bitwise_xor(bases, pages, out=bases)
+        return bases
+    out = pages.copy()
+    if len(rows):
+        index = np.asarray(rows, dtype=np.intp)
+        out[index] = pages[index] ^ bases
+    return out
+
+
+def _segments(pfns: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of runs of ``pfns`` that hold no PFN twice, in order."""
+    if len(set(pfns)) == len(pfns):
+        return [(0, len(pfns))]
+    out = []
+    start = 0
+    seen: set[int] = set()
+    for i, pfn in enumerate(pfns):
+        if pfn in seen:
+            out.append((start, i))
+            start, seen = i, set()
+        seen.add(pfn)
+    out.append((start, len(pfns)))
+    return out
 
 
 class PageCompressor:
@@ -222,42 +282,85 @@ class PageCompressor:
                  *, vectorised: Optional[bool] = None, policy: str = "second") -> None:
         if vectorised and np is None:
             raise ValueError("vectorised compression needs numpy (pip install 'remus[fast]')")
-        self.cache = PageCache(cache_pages, policy)
         self.vectorised = VECTORISED if vectorised is None else vectorised
+        self.cache = PageCache(cache_pages, policy, self.vectorised)
+        self._work: Any = None
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
 
     def compress(self, records: Iterable[PageData]) -> Iterator[PageBatch]:
         """Batches carrying exactly the pages of ``records``, in the same order."""
-        pfns: list[int] = []
-        kinds: list[int] = []
-        pieces: list[bytes] = []
-        segment = _Segment()
+        words: list[int] = []
+        pages: list["bytes | memoryview"] = []
         for record in records:
-            page_iter = iter(record.pages)
-            for word in record.pfns:
-                if page_type_has_data(word):
-                    page = next(page_iter)
-                    pfn = word & PAGE_DATA_PFN_MASK
-                    if pfn in segment.pfns:  # its base is the copy earlier in this batch
-                        pieces.append(segment.payload(self.cache.slab, self.vectorised))
-                        segment = _Segment()
-                    read, write = self.cache.place(pfn)
-                    segment.add(pfn, page, read, write)
-                    kinds.append(PageKind.FULL if read is None else PageKind.XOR)
-                else:
-                    kinds.append(PageKind.NO_DATA)
-                pfns.append(word)
-                if len(pfns) == MAX_BATCH_PAGES:
-                    pieces.append(segment.payload(self.cache.slab, self.vectorised))
-                    yield self._batch(pfns, kinds, pieces)
-                    pfns, kinds, pieces, segment = [], [], [], _Segment()
-        if pfns:
-            pieces.append(segment.payload(self.cache.slab, self.vectorised))
-            yield self._batch(pfns, kinds, pieces)
+            words.extend(record.pfns)
+            pages.extend(record.pages)
+            while len(words) >= MAX_BATCH_PAGES:
+                count = sum(map(page_type_has_data, words[:MAX_BATCH_PAGES]))
+                yield self._batch(words[:MAX_BATCH_PAGES], pages[:count])
+                del words[:MAX_BATCH_PAGES], pages[:count]
+        if words:
+            yield self._batch(words, pages)
 
-    def _batch(self, pfns: Sequence[int], kinds: Sequence[int], pieces: Sequence[bytes]) -> PageBatch:
+    def _batch(self, words: list[int], pages: list["bytes | memoryview"]) -> PageBatch:
+        has_data = list(map(page_type_has_data, words))
+        pfns = [w & PAGE_DATA_PFN_MASK for w, d in zip(words, has_data) if d]
+        kinds_of_data: list[int] = []
+        pieces = []
+        for start, end in _segments(pfns):
+            read, write = self.cache.place(pfns[start:end])
+            pieces.append(self._payload(pages[start:end], read, write))
+            kinds_of_data.extend(PageKind.FULL if r < 0 else PageKind.XOR for r in read)
+        data_kinds = iter(kinds_of_data)
+        kinds = tuple(int(next(data_kinds)) if d else int(PageKind.NO_DATA) for d in has_data)
         frame = self._cctx.compress(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        return PageBatch(tuple(pfns), tuple(kinds), frame)
+        return PageBatch(tuple(words), kinds, frame)
+
+    def _payload_numpy(self, pages: Sequence["bytes | memoryview"], read: list[int], xor_rows: list[int],
+                       writes: list[tuple[int, int]]) -> bytes:
+        # Work buffers are allocated once: a fresh 4 MiB buffer per batch costs a page fault
+        # per 4 KiB, which on a busy virtual machine is more than the XOR itself.
+        n = len(pages)
+        if self._work is None:
+            self._work = np.zeros((2, MAX_BATCH_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
+        new, out = self._work[0, :n], self._work[1, :n]
+        flat = memoryview(new.reshape(-1).view(np.uint8))
+        for row, page in enumerate(pages):
+            flat[row * PAGE_SIZE : (row + 1) * PAGE_SIZE] = page
+        flat.release()
+        cache = np.frombuffer(self.cache.slab, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+        if len(xor_rows) == n:  # a warm cache: every page is XORed
+            np.take(cache, np.array(read, dtype=np.intp), axis=0, out=out)
+            np.bitwise_xor(out, new, out=out)
+        else:
+            out[:] = new
+            if xor_rows:
+                index = np.array(xor_rows, dtype=np.intp)
+                out[index] = new[index] ^ cache[np.array([read[r] for r in xor_rows], dtype=np.intp)]
+        if len(writes) == n:
+            cache[np.array([slot for _row, slot in writes], dtype=np.intp)] = new
+        elif writes:
+            rows, slots = zip(*writes)
+            cache[np.array(slots, dtype=np.intp)] = new[np.array(rows, dtype=np.intp)]
+        return bytes(out.reshape(-1).view(np.uint8))
+
+    def _payload(self, pages: Sequence["bytes | memoryview"], read: list[int], write: list[int]) -> bytes:
+        """The payloads (FULL or XOR) of one segment, joined; then its pages copied into their slots."""
+        if not pages:
+            return b""
+        xor_rows = [row for row, slot in enumerate(read) if slot >= 0]
+        writes = [(row, slot) for row, slot in enumerate(write) if slot >= 0]
+        if self.vectorised:
+            return self._payload_numpy(pages, read, xor_rows, writes)
+        view = memoryview(self.cache.slab)
+        out_pages = list(pages)
+        for row in xor_rows:
+            slot = read[row]
+            out_pages[row] = xor_pages(pages[row], view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE])
+        joined = b"".join(out_pages)
+        for row, slot in writes:
+            view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = pages[row]
+        view.release()
+        return joined
 
 
 #: Returns the receiver's current copy of a PFN's page (staged or committed), or None.
@@ -364,8 +467,9 @@ class PageDecompressor:
         if not xor_rows:
             return payload
         if self.vectorised:
-            out = np.frombuffer(payload, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE).copy()
-            out[xor_rows] ^= np.frombuffer(b"".join(bases), dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+            pages = np.frombuffer(payload, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+            joined = bytearray(b"".join(bases))
+            out = _xor_rows(pages, xor_rows, np.frombuffer(joined, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE))
             return bytes(out.data)
         view = memoryview(payload)
         pieces: list["bytes | memoryview"] = [view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
