@@ -402,3 +402,24 @@ def test_output_leaves_only_after_the_ack_of_its_checkpoint(tmp_path: Path, net_
         assert channel.violations == []
     else:
         assert channel.violations, "--no-net must let packets out before their checkpoint is acked"
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_dirty_pages_are_taken_and_copied_alike_with_and_without_numpy(with_numpy: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import remus.sim.memory as memory_module
+
+    if with_numpy and memory_module.np is None:
+        pytest.skip("numpy is not installed")
+    if not with_numpy:
+        monkeypatch.setattr(memory_module, "np", None)
+    mem = GuestMemory(1024)
+    mem.fill(initial_memory(SimSpec("n", memory=1024 * PAGE_SIZE)))
+    guest = guest_on(mem, 12, locality=0.5)
+    guest.write_pages(400)
+    dirty = mem.take_dirty()
+    assert dirty == sorted(set(dirty)) and not any(mem.map[mem.dirty_offset:mem.dirty_offset + 1024])
+    snapshot = mem.snapshot(dirty)
+    assert bytes(snapshot) == b"".join(mem.page(pfn) for pfn in dirty)
+    assert mem.snapshot([3, 4, 5, 9]) == b"".join(mem.page(p) for p in (3, 4, 5, 9))
+    mem.close()

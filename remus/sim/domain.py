@@ -243,23 +243,17 @@ class SimulatedDomain:
     def capture(self) -> Capture:
         """Copy the dirty pages and the vCPU (guest stopped); hash them after it resumed.
 
-        The pages are copied into one buffer (runs of adjacent dirty pages in
-        one copy each), and the records carry views of it: no per-page
-        objects outlive the checkpoint, and the buffer goes back to the
-        system whole once the checkpoint is sent.
+        The pages are copied into one buffer (``GuestMemory.snapshot``), and
+        the records carry views of it: no per-page objects outlive the
+        checkpoint, and the buffer goes back to the system whole once the
+        checkpoint is sent.  Everything per page but that copy happens after
+        the guest resumed.
         """
         if not self._suspended:
             raise DomainError(f"sim:{self.spec.name}: capture while the guest runs")
         mem = self.mem
         dirty = mem.take_dirty()
-        snapshot = bytearray(len(dirty) * PAGE_SIZE)
-        with memoryview(mem.map) as source:
-            for index, start, count in _runs(dirty):
-                src = mem.mem_offset + start * PAGE_SIZE
-                snapshot[index * PAGE_SIZE : (index + count) * PAGE_SIZE] = source[src : src + count * PAGE_SIZE]
-        view = memoryview(snapshot).toreadonly()
-        # The records' pages are read-only views; everything that reads them takes bytes-like objects.
-        pages = [cast(bytes, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(len(dirty))]
+        snapshot = mem.snapshot(dirty)
         counter, rng, writes = mem.read_vcpu()
         first = self._first_capture
         self._first_capture = False
@@ -270,6 +264,9 @@ class SimulatedDomain:
         def finish() -> list[Record]:
             if done:
                 return done[0]
+            view = memoryview(snapshot).toreadonly()
+            # The records' pages are read-only views; everything that reads them takes bytes-like objects.
+            pages = [cast(bytes, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(len(dirty))]
             self.digest.update(zip(dirty, pages))
             records: list[Record] = [DomainHeader(SIM_DHDR_TYPE, 0, 0)] if first else []
             for start in range(0, len(dirty), MAX_BATCH_PAGES):
@@ -331,17 +328,6 @@ class SimulatedDomain:
         if sink is not None:
             sink.close()
         self.mem.close()
-
-
-def _runs(pfns: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """(index in ``pfns``, first pfn, length) of each run of consecutive PFNs in sorted ``pfns``."""
-    index = 0
-    while index < len(pfns):
-        end = index + 1
-        while end < len(pfns) and pfns[end] == pfns[end - 1] + 1:
-            end += 1
-        yield index, pfns[index], end - index
-        index = end
 
 
 def spec_from_session(details: Mapping[str, object]) -> SimSpec:

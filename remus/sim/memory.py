@@ -31,9 +31,15 @@ import mmap
 import os
 import struct
 from array import array
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from remus.stream.records import PAGE_SIZE
+
+np: Any
+try:
+    import numpy as np
+except ImportError:  # dirty pages are then cleared and copied with Python loops
+    np = None
 
 CTRL_SIZE = 4096
 VCPU = struct.Struct("<QQQ")  # counter, rng_state, writes
@@ -134,16 +140,47 @@ class GuestMemory:
         """The dirty PFNs, in order, and clear them (log-dirty CLEAN); O(dirty pages)."""
         buf = self.map
         (count,) = LOG_COUNT.unpack_from(buf, LOG_COUNT_OFFSET)
-        log = array("I")
-        log.frombytes(buf[self.log_offset : self.log_offset + count * LOG_ENTRY.size])
-        if len(log) == self.pages:
-            buf[self.dirty_offset : self.dirty_offset + self.pages] = bytes(self.pages)
-        else:
-            base = self.dirty_offset
-            for pfn in log:
-                buf[base + pfn] = 0
+        raw = buf[self.log_offset : self.log_offset + count * LOG_ENTRY.size]
         buf[LOG_COUNT_OFFSET : LOG_COUNT_OFFSET + 8] = LOG_COUNT.pack(0)
+        if count == self.pages:
+            buf[self.dirty_offset : self.dirty_offset + self.pages] = bytes(self.pages)
+            return list(range(self.pages))
+        if np is not None:
+            pfns = np.sort(np.frombuffer(raw, dtype="<u4"))
+            dirty_map = np.frombuffer(buf, dtype=np.uint8, count=self.pages, offset=self.dirty_offset)
+            dirty_map[pfns] = 0
+            del dirty_map  # (an array over the map would keep it from closing)
+            result: list[int] = pfns.tolist()
+            return result
+        log = array("I")
+        log.frombytes(raw)
+        base = self.dirty_offset
+        for pfn in log:
+            buf[base + pfn] = 0
         return sorted(log)
+
+    def snapshot(self, pfns: Sequence[int]) -> bytearray:
+        """A copy of these pages (sorted PFNs), one after the other, in one buffer."""
+        out = bytearray(len(pfns) * PAGE_SIZE)
+        if not pfns:
+            return out
+        if np is not None and len(pfns) < self.pages:
+            memory = np.frombuffer(self.map, dtype=np.uint8, count=self.pages * PAGE_SIZE,
+                                   offset=self.mem_offset).reshape(self.pages, PAGE_SIZE)
+            np.take(memory, np.array(pfns, dtype=np.intp), axis=0,
+                    out=np.frombuffer(out, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE))
+            del memory
+            return out
+        with memoryview(self.map) as source:
+            index = 0
+            while index < len(pfns):  # runs of adjacent pages in one copy each
+                end = index + 1
+                while end < len(pfns) and pfns[end] == pfns[end - 1] + 1:
+                    end += 1
+                src = self.mem_offset + pfns[index] * PAGE_SIZE
+                out[index * PAGE_SIZE : end * PAGE_SIZE] = source[src : src + (end - index) * PAGE_SIZE]
+                index = end
+        return out
 
     def close(self) -> None:
         self.map.close()
