@@ -132,7 +132,7 @@ class SimulatedDomain:
     """A simulated guest under protection (the primary's side).  See the module docstring."""
 
     def __init__(self, spec: SimSpec, *, role: str = "primary", image: Optional[bytes] = None,
-                 vcpu: Optional[SimVcpu] = None) -> None:
+                 vcpu: Optional[SimVcpu] = None, image_digest: Optional[MemoryDigest] = None) -> None:
         self.spec = spec
         self.role = role
         self.mem = GuestMemory(spec.pages)
@@ -152,7 +152,7 @@ class SimulatedDomain:
                 assert vcpu is not None
                 self.mem.fill(image)
                 self.mem.write_vcpu(vcpu.counter, vcpu.rng_state, vcpu.writes)
-                self.digest = MemoryDigest.of(image)
+                self.digest = image_digest if image_digest is not None else MemoryDigest.of(image)
             self.sink = PacketSink(spec.output, spec.name, role)
             self.queue = PlugQueue(self.sink.deliver)
             self._start_guest()
@@ -167,13 +167,13 @@ class SimulatedDomain:
         Raises:
             DomainError: the image does not hash to the digest its checkpoint carried.
         """
-        actual = MemoryDigest.of(image).digest()
-        if actual != vcpu.memory_digest:
+        digest = MemoryDigest.of(image)
+        if digest.digest() != vcpu.memory_digest:
             raise DomainError(
                 f"sim:{spec.name}: replicated memory does not match the digest of the checkpoint "
                 "it came from; refusing to activate it"
             )
-        domain = cls(spec, role="backup", image=image, vcpu=vcpu)
+        domain = cls(spec, role="backup", image=image, vcpu=vcpu, image_digest=digest)
         domain.queue.release_all()
         return domain
 

@@ -10,8 +10,10 @@ no cache of its own: the XOR base is its own copy of the page, which equals
 the sender's cached one because every page the sender caches was sent to it.
 
 Theory of operation: the cache is one preallocated buffer of ``capacity``
-page slots (a "slab") plus a PFN-to-slot map in LRU order; no page is ever a
-Python object of its own.  A batch's data pages are joined into one buffer;
+page slots (a "slab") plus a PFN-to-slot map with a last-sent order (numpy
+arrays of slots and stamps, or an ``OrderedDict`` without numpy; both take
+the same decisions, see ``PageCache``); no page is ever a Python object of
+its own.  A batch's data pages are copied into one work buffer;
 the XOR of every cached page against its slot and the copy of every page
 into its slot are each done for the whole batch at once: with numpy when it
 is installed (``pip install 'remus[fast]'`` or Debian's python3-numpy), else
@@ -37,12 +39,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import zstandard
 
-np: Any
-try:
-    import numpy as np
-except ImportError:  # the pure-Python path is used
-    np = None
-
 from remus.errors import RemoteProtocolError
 from remus.stream.records import (
     MAX_BATCH_PAGES,
@@ -53,6 +49,12 @@ from remus.stream.records import (
     PageKind,
     page_type_has_data,
 )
+
+np: Any
+try:
+    import numpy as np
+except ImportError:  # the pure-Python path is used
+    np = None
 
 #: Default sender cache: 16384 pages = 64 MiB.
 DEFAULT_CACHE_PAGES = 16384
