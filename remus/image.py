@@ -17,7 +17,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, MutableMapping, Optional
+from typing import Iterator, Mapping, MutableMapping, Optional
 
 from remus.errors import RemoteProtocolError
 from remus.stream.records import (
@@ -140,6 +140,28 @@ class PageStore(MutableMapping[int, PageEntry]):
                 raise ValueError("a page must be 4096 bytes")
             self._data[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data
 
+    def put_many(self, entries: Mapping[int, PageEntry]) -> None:
+        """``self[pfn] = entry`` for every item, in one pass (a checkpoint's commit)."""
+        if not entries:
+            return
+        self.reserve(max(entries) + 1)
+        assert self._data is not None and self._words is not None
+        data_map, present = self._data, self._present
+        added = 0
+        with memoryview(self._words) as raw, raw.cast("Q") as words:
+            for pfn, (word, data) in entries.items():
+                if pfn < 0:
+                    raise KeyError(pfn)
+                if not present[pfn]:
+                    present[pfn] = 1
+                    added += 1
+                words[pfn] = word
+                if data is not None:
+                    if len(data) != PAGE_SIZE:
+                        raise ValueError("a page must be 4096 bytes")
+                    data_map[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data
+        self._count += added
+
     def __delitem__(self, pfn: int) -> None:
         if not 0 <= pfn < len(self._present) or not self._present[pfn]:
             raise KeyError(pfn)
@@ -204,9 +226,10 @@ class Image:
             self.first_records = list(staged.records)
             before = staged.records_before_pages
             self.static_count = len(staged.records) if before is None else before
-        if isinstance(self.pages, PageStore) and staged.pages:
-            self.pages.reserve(max(staged.pages) + 1)
-        self.pages.update(staged.pages)
+        if isinstance(self.pages, PageStore):
+            self.pages.put_many(staged.pages)
+        else:
+            self.pages.update(staged.pages)
         self.latest_records = list(staged.records)
         self.seq = seq
 

@@ -50,3 +50,16 @@ def test_a_large_sparse_store_costs_address_space_not_memory() -> None:
     store = PageStore()
     store[(16 << 30) // PAGE_SIZE - 1] = (1, page(9))  # the last page of a 16 GiB guest
     assert len(store) == 1 and store.page((16 << 30) // PAGE_SIZE - 1) == page(9)
+
+
+def test_a_checkpoint_is_committed_in_one_pass_with_the_same_result() -> None:
+    one, many = PageStore(), PageStore()
+    entries = {pfn: (pfn, page(pfn)) for pfn in range(0, 3000, 3)}
+    entries[7] = (XTAB | 7, None)
+    for pfn, entry in entries.items():
+        one[pfn] = entry
+    many.put_many(entries)
+    many.put_many({})
+    assert dict(one) == dict(many) and len(many) == len(entries)
+    with pytest.raises(ValueError):
+        many.put_many({1: (1, b"short")})

@@ -50,6 +50,8 @@ LOG_COUNT = struct.Struct("<Q")
 LOG_COUNT_OFFSET = 64
 LOG_ENTRY = struct.Struct("<I")
 PAGE_HASH_SIZE = 32
+#: Pages copied per call into C by ``GuestMemory.snapshot`` (4 MiB: about a millisecond).
+SNAPSHOT_CHUNK_PAGES = 1024
 
 
 def _round_up(n: int, to: int) -> int:
@@ -160,22 +162,31 @@ class GuestMemory:
         return sorted(log)
 
     def snapshot(self, pfns: Sequence[int]) -> bytearray:
-        """A copy of these pages (sorted PFNs), one after the other, in one buffer."""
+        """A copy of these pages (sorted PFNs), one after the other, in one buffer.
+
+        Copied at most ``SNAPSHOT_CHUNK_PAGES`` pages per call into C, so that
+        other threads (the heartbeats) run between chunks even when the copy
+        is the whole memory.
+        """
         out = bytearray(len(pfns) * PAGE_SIZE)
         if not pfns:
             return out
-        if np is not None and len(pfns) < self.pages:
+        if np is not None:
             memory = np.frombuffer(self.map, dtype=np.uint8, count=self.pages * PAGE_SIZE,
                                    offset=self.mem_offset).reshape(self.pages, PAGE_SIZE)
-            np.take(memory, np.array(pfns, dtype=np.intp), axis=0,
-                    out=np.frombuffer(out, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE))
-            del memory
+            target = np.frombuffer(out, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
+            index = np.array(pfns, dtype=np.intp)
+            for start in range(0, len(pfns), SNAPSHOT_CHUNK_PAGES):
+                end = min(start + SNAPSHOT_CHUNK_PAGES, len(pfns))
+                np.take(memory, index[start:end], axis=0, out=target[start:end])
+            del memory, target  # (arrays over the map would keep it from closing)
             return out
         with memoryview(self.map) as source:
             index = 0
             while index < len(pfns):  # runs of adjacent pages in one copy each
                 end = index + 1
-                while end < len(pfns) and pfns[end] == pfns[end - 1] + 1:
+                while (end < len(pfns) and end - index < SNAPSHOT_CHUNK_PAGES
+                       and pfns[end] == pfns[end - 1] + 1):
                     end += 1
                 src = self.mem_offset + pfns[index] * PAGE_SIZE
                 out[index * PAGE_SIZE : end * PAGE_SIZE] = source[src : src + (end - index) * PAGE_SIZE]
