@@ -23,7 +23,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, Mapping, Optional, Sequence, cast
+from typing import Iterator, Mapping, Optional, Sequence, cast
 
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
@@ -41,11 +41,10 @@ from remus.stream.records import (
     SimVcpu,
 )
 
-np: Any
 try:
     import numpy as np
 except ImportError:  # the boot memory of pattern=words is then shaped with Python integers
-    np = None
+    np = None  # type: ignore[assignment,unused-ignore]
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,14 @@ import mmap
 import os
 import struct
 from array import array
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from remus.stream.records import PAGE_SIZE
 
-np: Any
 try:
     import numpy as np
 except ImportError:  # dirty pages are then cleared and copied with Python loops
-    np = None
+    np = None  # type: ignore[assignment,unused-ignore]
 
 CTRL_SIZE = 4096
 VCPU = struct.Struct("<QQQ")  # counter, rng_state, writes

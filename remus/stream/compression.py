@@ -50,11 +50,10 @@ from remus.stream.records import (
     page_type_has_data,
 )
 
-np: Any
 try:
     import numpy as np
 except ImportError:  # the pure-Python path is used
-    np = None
+    np = None  # type: ignore[assignment,unused-ignore]
 
 #: Default sender cache: 16384 pages = 64 MiB.
 DEFAULT_CACHE_PAGES = 16384
