@@ -108,6 +108,10 @@ class RemusRecType(enum.IntEnum):
     HEARTBEAT = REMUS_REC_BASE + 0x07
     #: Either direction: orderly end of the session, with a reason.
     CLOSE = REMUS_REC_BASE + 0x08
+    #: One write to a replicated disk in this checkpoint's epoch (``remus.disk``).
+    DISK_WRITE = REMUS_REC_BASE + 0x0A
+    #: A replicated disk's size and BLAKE2b digest as of this checkpoint (verification).
+    DISK_DIGEST = REMUS_REC_BASE + 0x0B
 
 
 class PageKind(enum.IntEnum):
@@ -435,6 +439,59 @@ class Close:
         return cls(reason, body[8:].decode("utf-8", "replace"))
 
 
+#: Most data one DISK_WRITE record carries; longer writes become several records.
+DISK_WRITE_MAX_BYTES = 1 << 20
+#: Most disks one session replicates.
+MAX_DISKS = 64
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """``u32 disk`` (index in the session's ``disks``), ``u32`` reserved, ``u64 offset``,
+    then the data (1 to ``DISK_WRITE_MAX_BYTES`` bytes)."""
+
+    disk: int
+    offset: int
+    data: bytes = field(repr=False)
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_WRITE
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def encode_body(self) -> bytes:
+        return self._HEAD.pack(self.disk, 0, self.offset) + self.data
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskWrite":
+        _need(cls._HEAD.size < len(body) <= cls._HEAD.size + DISK_WRITE_MAX_BYTES,
+              f"DISK_WRITE record of {len(body)} bytes")
+        disk, reserved, offset = cls._HEAD.unpack_from(body)
+        _need(disk < MAX_DISKS and reserved == 0, "DISK_WRITE: bad disk index or reserved bits")
+        return cls(disk, offset, bytes(body[cls._HEAD.size :]))
+
+
+@dataclass(frozen=True)
+class DiskDigest:
+    """``u32 disk``, ``u32`` reserved, ``u64 size``, then the 32-byte BLAKE2b digest of
+    the whole disk at the checkpoint's epoch boundary."""
+
+    disk: int
+    size: int
+    digest: bytes
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_DIGEST
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQ32s")
+
+    def encode_body(self) -> bytes:
+        return self._FORMAT.pack(self.disk, 0, self.size, self.digest)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskDigest":
+        _need(len(body) == cls._FORMAT.size, "DISK_DIGEST record has the wrong size")
+        disk, reserved, size, digest = cls._FORMAT.unpack(body)
+        _need(disk < MAX_DISKS and reserved == 0, "DISK_DIGEST: bad disk index or reserved bits")
+        return cls(disk, size, digest)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """libxc's CHECKPOINT record (empty body): the domain records before it form
@@ -467,13 +524,15 @@ class XenRecord:
 
 
 Record = Union[
-    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint, XenRecord
+    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint, XenRecord,
+    DiskWrite, DiskDigest,
 ]
 
 #: Record classes by wire type; types not listed are libxc's and become ``XenRecord``.
 RECORD_CLASSES: dict[int, Any] = {
     cls.TYPE: cls
-    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint)
+    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint,
+                DiskWrite, DiskDigest)
 }
 
 
