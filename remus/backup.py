@@ -26,6 +26,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
+from remus.disk.replica import ReplicaSet
 from remus.errors import RemoteProtocolError, RemusError, UsageError
 from remus.image import Image, Staging
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
@@ -36,6 +37,8 @@ from remus.stream.records import (
     Close,
     CloseReason,
     Commit,
+    DiskDigest,
+    DiskWrite,
     DomainHeader,
     Heartbeat,
     PageBatch,
@@ -59,7 +62,7 @@ class State(enum.Enum):
     CLOSED = "closed by the primary"
 
 
-_DOMAIN_RECORDS = (DomainHeader, PageData, PageBatch, SimVcpu, Checkpoint, XenRecord)
+_DOMAIN_RECORDS = (DomainHeader, PageData, PageBatch, SimVcpu, Checkpoint, XenRecord, DiskWrite, DiskDigest)
 
 #: Which events each state accepts; anything else is a protocol error.
 _ALLOWED: dict[State, tuple[type, ...]] = {
@@ -119,7 +122,11 @@ Output = Union[SendBack, Opened, Refused, Committed, ClosedByPrimary, StreamEnde
 class BackupSession:
     """One session's state machine (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, disk_root: str = "") -> None:
+        """``disk_root``: keep disk replicas under this directory instead of at their own paths."""
+        self.disk_root = disk_root
+        #: The session's disk replicas (``remus.disk.replica``), None if it replicates no disk.
+        self.disks: Optional[ReplicaSet] = None
         self.state = State.HEADER
         self.decoder = StreamDecoder()
         self.image = Image()
@@ -190,6 +197,7 @@ class BackupSession:
                 DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
             else:
                 raise UsageError(f"unknown domain kind {kind!r}")
+            self.disks = ReplicaSet.from_session(info, self.disk_root)
         except RemusError as exc:  # the reason goes back to the primary
             reason = f"cannot take domain {info.get('domain')!r}: {exc}"
             self.state = State.CLOSED
@@ -203,6 +211,11 @@ class BackupSession:
         if self._staging is None:
             self._staging = Staging(self.max_pages)
         staging = self._staging
+        if isinstance(record, (DiskWrite, DiskDigest)):  # after the domain's CHECKPOINT, before COMMIT
+            if self.disks is None:
+                raise RemoteProtocolError("disk record in a session that replicates no disk")
+            self.disks.stage(staging.disk, record)
+            return
         if staging.checkpoint_seen:
             raise RemoteProtocolError(f"{type(record).__name__} after CHECKPOINT, before COMMIT")
         if isinstance(record, DomainHeader):
@@ -243,6 +256,8 @@ class BackupSession:
             raise RemoteProtocolError("the first checkpoint has no domain header")
         if self.kind == "sim" and not any(isinstance(r, SimVcpu) for r in staging.records):
             raise RemoteProtocolError(f"checkpoint {commit.seq} of a simulated domain has no vCPU record")
+        if self.disks is not None:
+            self.disks.apply(commit.seq, staging.disk)  # the disk of checkpoint seq, whole, or nothing
         self.image.commit(commit.seq, staging)
         self._staging = None
         return [Committed(commit.seq), SendBack(Ack(commit.seq))]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from remus.disk.replica import DiskStaging
 from remus.errors import RemoteProtocolError
 from remus.stream.records import PAGE_DATA_PFN_MASK, PAGE_SIZE, DomainHeader, Record, SimVcpu
 
@@ -35,6 +36,8 @@ class Staging:
     checkpoint_seen: bool = False
     #: How many of ``records`` had arrived when the first page did (None: no page yet).
     records_before_pages: Optional[int] = None
+    #: The checkpoint's disk writes, applied to the replicas at its commit (``remus.disk.replica``).
+    disk: DiskStaging = field(default_factory=DiskStaging)
 
     def add_page(self, word: int, data: Optional[bytes]) -> None:
         pfn = word & PAGE_DATA_PFN_MASK

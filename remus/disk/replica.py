@@ -155,24 +155,28 @@ class ReplicaSet:
                 )
 
     def handover(self) -> dict[str, Any]:
-        """Failover: make the replicas durable and close them; what to report.
+        """Failover: the replicas, synced and closed, go to the domain; what to report.
 
         Raises:
-            DiskError: the set is broken (a replica may be between two checkpoints).
+            DiskError: the set is broken (a replica may be between two checkpoints),
+                or syncing it failed.
         """
         if self.broken:
+            self.close()
             raise DiskError("refusing to hand over disk replicas left between two checkpoints")
-        try:
-            for fd in self.fds:
-                os.fdatasync(fd)
-        except OSError as exc:
-            raise DiskError(f"syncing the disk replicas failed: {exc}") from None
         self.close()
+        if self.broken:
+            raise DiskError("syncing the disk replicas failed; refusing to hand them over")
         return {"disks": list(self.paths), "disk_seq": self.applied_seq}
 
     def close(self) -> None:
-        """Close the replicas (idempotent); they stay on disk as they are."""
+        """Sync (fdatasync) and close the replicas; idempotent.  They stay as they are."""
         for fd in self.fds:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                log.error("syncing a disk replica failed: %s", exc)
+                self.broken = True
             os.close(fd)
         self.fds = []
 
