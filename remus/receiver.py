@@ -41,7 +41,7 @@ from remus.backup import (
     StreamEnded,
 )
 from remus.clock import StopFlag
-from remus.errors import RemoteProtocolError, RemusError, TransportError
+from remus.errors import DiskError, RemoteProtocolError, RemusError, TransportError
 from remus.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason, StreamHeader
@@ -155,6 +155,7 @@ class Receiver:
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
         on_progress: Optional[Callable[[BackupSession], None]] = None,
         restore_xen: Optional[XenRestorer] = None,
+        disk_root: str = "",
     ) -> None:
         self.port = port
         self.listen = listen
@@ -166,6 +167,7 @@ class Receiver:
         self.on_event = on_event
         self.on_progress = on_progress
         self.restore_xen = restore_xen
+        self.disk_root = disk_root
         self.activated: Any = None
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
@@ -201,6 +203,8 @@ class Receiver:
                     continue
                 conn, addr = listener.accept()
                 result = self._session(conn, addr)
+                if result.session.disks is not None:  # synced and closed; handover checks them
+                    result.session.disks.close()
                 if result.ending is Ending.LOST and result.session.state in (State.HEADER, State.SESSION):
                     # A port probe or a stray client: no session was ever opened.
                     self.say(f"connection from {peer_host(addr)} ended before opening a session: "
@@ -218,7 +222,7 @@ class Receiver:
     # -- one session -----------------------------------------------------------------------
     def _session(self, conn: socket.socket, addr: Any) -> SessionResult:
         host = peer_host(addr)
-        session = BackupSession()
+        session = BackupSession(disk_root=self.disk_root)
         with conn:
             tune(conn)
             out = LockedSocket(conn)
@@ -267,7 +271,7 @@ class Receiver:
             last_heard = now
             try:
                 outputs = session.receive_data(data)
-            except RemoteProtocolError as exc:
+            except (RemoteProtocolError, DiskError) as exc:
                 self.say(f"protocol error from {host}: {exc}")
                 self.on_event({"event": "protocol-error", "peer": host, "error": str(exc)})
                 return lost(f"invalid stream ({exc})")
@@ -345,6 +349,10 @@ class Receiver:
         return 0
 
     def _activate(self, session: BackupSession) -> dict[str, Any]:
+        disks = session.disks.handover() if session.disks is not None else {}
+        return dict(self._activate_domain(session), **disks)
+
+    def _activate_domain(self, session: BackupSession) -> dict[str, Any]:
         if session.kind == "xen":
             if self.restore_xen is not None:
                 return self.restore_xen(session.info, session.image)
