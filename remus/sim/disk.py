@@ -23,12 +23,15 @@ with.  Nothing here records epochs: the server does.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from remus.disk.nbd import (
     IHAVEOPT,
@@ -39,8 +42,14 @@ from remus.disk.nbd import (
     NbdRep,
     request_bytes,
 )
+from remus.disk.device import DiskDevice
+from remus.disk.epochs import RecordingImage
+from remus.disk.server import ImageFile, NbdServer
 from remus.errors import DiskError, RemoteProtocolError
 from remus.sim.memory import splitmix64
+
+if TYPE_CHECKING:
+    from remus.sim.spec import SimSpec
 
 BLOCK_SIZE = 4096
 _BLOCK_HEAD = struct.Struct("<QQ")
@@ -166,11 +175,111 @@ def run_writer(address: str, seed: int, rate: float) -> int:
         client.sock.close()
 
 
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """SIGKILL us when the host process dies, even while we are stopped (SIGSTOP)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # remus stops us itself
+    _die_with_parent()
     address, seed, rate = argv[0], int(argv[1]), float(argv[2])
     return run_writer(address, seed, rate)
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# --------------------------------------------------------------------------- the primary's side
+
+
+def ensure_image(path: str, size: int) -> int:
+    """Create the disk image with ``size`` bytes if it is missing; its size."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return os.path.getsize(path)
+    except OSError as exc:
+        raise DiskError(f"cannot create disk image {path}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return size
+
+
+def session_disks(spec: "SimSpec") -> dict[str, Any]:
+    """What the session header says about the guest's disk (nothing without one)."""
+    if spec.disk is None:
+        return {}
+    return {"disks": [{"path": spec.disk, "size": ensure_image(spec.disk, spec.disk_size)}]}
+
+
+class SimDisk:
+    """The primary's side of a simulated guest's disk: server, recorder, writer process."""
+
+    def __init__(self, spec: "SimSpec") -> None:
+        assert spec.disk is not None
+        ensure_image(spec.disk, spec.disk_size)
+        self.workdir = tempfile.mkdtemp(prefix="remus-simdisk-")
+        self.image = ImageFile(spec.disk)
+        self.target = RecordingImage(self.image)
+        self.server = NbdServer(self.target, spec.name)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        try:
+            sock = self.server.listen_unix(os.path.join(self.workdir, "nbd.sock"))
+            args = [sys.executable, "-m", "remus.sim.disk", sock, str(spec.seed), str(spec.disk_rate)]
+            self.proc = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
+        except BaseException:
+            self.close()
+            raise
+        # Every checkpoint carries the disk's digest: the backup checks its replica against it.
+        self.device = _StoppingDiskDevice(0, self.target, self.proc.pid)
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+            self.proc = None
+        self.server.close()
+        self.image.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class _StoppingDiskDevice(DiskDevice):
+    """The disk device, which also stops the writer process while the guest is suspended."""
+
+    def __init__(self, index: int, target: RecordingImage, pid: int) -> None:
+        super().__init__(index, target, digest=True)
+        self.pid = pid
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def postsuspend(self) -> None:
+        self._signal(signal.SIGSTOP)
+        super().postsuspend()
+
+    def preresume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def release(self) -> None:
+        self._signal(signal.SIGCONT)
+        super().release()

@@ -11,6 +11,9 @@ locality       share of writes that hit the hot 1/16 of memory  0.9
 seed           seed of the guest's pseudo-random generator      1
 output         file each released packet is appended to         (none)
 packet_rate    packets the guest emits per second               20
+disk           raw disk image the guest writes (remus.sim.disk) (none)
+disk_size      its size, if it has to be created                16M
+disk_rate      4 KiB blocks the guest writes per second         50
 =============  ==============================================  ==========
 
 This module only parses; it never starts a guest.
@@ -18,6 +21,7 @@ This module only parses; it never starts a guest.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -46,6 +50,9 @@ class SimSpec:
     seed: int = 1
     output: Optional[str] = None
     packet_rate: int = 20
+    disk: Optional[str] = None
+    disk_size: int = 16 << 20
+    disk_rate: int = 50
 
     @property
     def pages(self) -> int:
@@ -102,6 +109,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "seed": _parse_int,
     "output": str,
     "packet_rate": _parse_int,
+    "disk": os.path.abspath,
+    "disk_size": _parse_size,
+    "disk_rate": _parse_int,
 }
 
 
@@ -127,6 +137,12 @@ def _validate(spec: SimSpec) -> None:
         raise bad("output", "must be a file path")
     if not isinstance(spec.packet_rate, int) or not 0 <= spec.packet_rate <= MAX_PACKET_RATE:
         raise bad("packet_rate", f"must be between 0 and {MAX_PACKET_RATE} per second")
+    if spec.disk is not None and (not isinstance(spec.disk, str) or not spec.disk.startswith("/")):
+        raise bad("disk", "must be a file path")
+    if not isinstance(spec.disk_size, int) or not 65536 <= spec.disk_size <= 1 << 40 or spec.disk_size % 4096:
+        raise bad("disk_size", "must be a multiple of 4K between 64K and 1T")
+    if not isinstance(spec.disk_rate, int) or not 0 < spec.disk_rate <= 100_000:
+        raise bad("disk_rate", "must be between 1 and 100000 blocks per second")
 
 
 def parse_sim_spec(text: str) -> SimSpec:
