@@ -205,7 +205,8 @@ class BackupSession:
         self.info = info
         self.kind = kind
         self.state = State.OPEN
-        return [Opened(info), SendBack(Ack(0))]
+        hashes = [SendBack(r) for r in self.disks.hashes()] if self.disks is not None else []
+        return [Opened(info), *hashes, SendBack(Ack(0))]
 
     def _stage(self, record: object) -> None:
         if self._staging is None:

@@ -198,3 +198,42 @@ def test_a_digest_mismatch_breaks_the_set_and_handover_refuses(tmp_path: Path) -
     with pytest.raises(DiskError, match="refusing"):
         replicas.handover()
     replicas.close()
+
+
+def test_first_sync_sends_only_the_extents_the_backup_lacks(tmp_path: Path) -> None:
+    from remus.disk.epochs import EXTENT_BYTES, collect_hashes, extent_hash, hash_records
+
+    size = 3 * EXTENT_BYTES + 4096
+    path = image_file(tmp_path, size, b"\x01")
+    rec = RecordingImage(ImageFile(path))
+    data = Path(path).read_bytes()
+    theirs = [extent_hash(data[off : off + EXTENT_BYTES]) for off in range(0, size, EXTENT_BYTES)]
+    theirs[1] = extent_hash(bytes(EXTENT_BYTES))  # the backup's extent 1 differs
+    records = hash_records(0, theirs) + hash_records(1, [b"x" * 16])  # another disk's are ignored
+    for r in records:
+        assert decode_record(r.TYPE, r.encode_body()) == r
+    rec.peer_hashes = lambda: collect_hashes(records, 0)
+    rec.start()
+    sent = rec.boundary(0)
+    assert [(w.offset, len(w.data)) for w in sent if isinstance(w, DiskWrite)] == [(EXTENT_BYTES, EXTENT_BYTES)]
+    assert (rec.synced_extents, rec.skipped_extents) == (1, 3)
+
+
+def test_the_backup_sends_its_replicas_hashes_before_accepting(tmp_path: Path) -> None:
+    from remus.backup import BackupSession, SendBack
+    from remus.disk.epochs import extent_hash
+    from remus.sim.spec import SimSpec
+    from remus.stream.records import Ack, DiskHashes
+    from remus.stream.sender import session_header
+
+    existing = tmp_path / "img/d.img"
+    existing.parent.mkdir()
+    existing.write_bytes(b"\x05" * 8192)
+    opening = session_header({"domain": "t", "kind": "sim", "sim": SimSpec("t").to_dict(),
+                              "disks": [{"path": "/img/d.img", "size": 8192}, {"path": "/img/new.img", "size": 4096}]})
+    session = BackupSession(disk_root=str(tmp_path))
+    sent = [o.record for o in session.receive_data(opening) if isinstance(o, SendBack)]
+    assert sent == [DiskHashes(0, 1 << 20, 0, (extent_hash(b"\x05" * 8192),)),
+                    DiskHashes(1, 1 << 20, 0, (extent_hash(bytes(4096)),)), Ack(0)]
+    assert session.disks is not None
+    session.disks.close()

@@ -16,10 +16,12 @@ beyond the one lock the boundary shares with the write path.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
-from remus.disk.epochs import RecordingImage
+from remus.disk.epochs import ExtentHashes, RecordingImage, collect_hashes
 from remus.stream.records import Record
+
+D = TypeVar("D")
 
 
 class DiskDevice:
@@ -58,3 +60,21 @@ class DiskDevice:
     def release(self) -> None:
         self._pending = []
         self.target.stop()
+
+
+def link_to_channel(devices: list[D], channel: Any) -> list[D]:
+    """Let each disk's first synchronisation use the extent hashes the backup sent on ``channel``.
+
+    A channel without ``disk_hashes`` (``--blackhole``) leaves every disk to a full first sync.
+    """
+    for device in devices:
+        if isinstance(device, DiskDevice):
+            device.target.peer_hashes = _hashes_of(channel, device.index)
+    return devices
+
+
+def _hashes_of(channel: Any, index: int) -> Any:
+    def peer_hashes() -> ExtentHashes:
+        return collect_hashes(getattr(channel, "disk_hashes", []), index)
+
+    return peer_hashes

@@ -28,26 +28,65 @@ pwrite and the append happen under one lock that ``mark_boundary`` takes as
 well, so the image at the boundary holds exactly epochs 1..N.  That is the
 disk the backup holds once checkpoint N commits.
 
-The first checkpoint after ``start`` carries the whole disk (``full_sync``)
-instead of its epoch: the backup's replica then equals the image at the
-first boundary whatever it held before.
+The first checkpoint after ``start`` carries the whole disk instead of its
+epoch: the backup's replica then equals the image at the first boundary
+whatever it held before.  When the backup already holds a replica it sends
+the hashes of its extents (``DiskHashes``, before it accepts the session);
+given those (``peer_hashes``), the first checkpoint carries only the extents
+whose hashes differ.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from remus.disk.server import ImageFile
 from remus.errors import DiskError
-from remus.stream.records import DISK_WRITE_MAX_BYTES, DiskDigest, DiskWrite, Record
+from remus.stream.records import (
+    DISK_HASH_BYTES,
+    DISK_HASHES_MAX,
+    DISK_WRITE_MAX_BYTES,
+    DiskDigest,
+    DiskHashes,
+    DiskWrite,
+    Record,
+)
 
 #: An epoch holding more than this is refused (the checkpoint fails, naming the cure).
 DEFAULT_MAX_EPOCH_BYTES = 512 << 20
-#: Bytes read at a time when the whole disk is read (full synchronisation, digests).
+#: Bytes read at a time when the whole disk is read (full synchronisation, digests);
+#: also the extent size of the first synchronisation's hashes.
 READ_CHUNK = 1 << 20
+EXTENT_BYTES = READ_CHUNK
+
+#: Extent index -> hash of the backup's replica (``remus.disk.epochs.extent_hash``).
+ExtentHashes = dict[int, bytes]
+
+
+def extent_hash(data: bytes) -> bytes:
+    """The hash DISK_HASHES carries for one extent (BLAKE2b-128)."""
+    return hashlib.blake2b(data, digest_size=DISK_HASH_BYTES).digest()
+
+
+def hash_records(disk: int, hashes: list[bytes]) -> list[DiskHashes]:
+    """``hashes`` (extent 0 on) as DISK_HASHES records of at most ``DISK_HASHES_MAX`` each."""
+    return [
+        DiskHashes(disk, EXTENT_BYTES, first, tuple(hashes[first : first + DISK_HASHES_MAX]))
+        for first in range(0, len(hashes), DISK_HASHES_MAX)
+    ]
+
+
+def collect_hashes(records: Iterable[DiskHashes], disk: int) -> ExtentHashes:
+    """The extent hashes the backup sent for ``disk`` (records of another extent size ignored)."""
+    out: ExtentHashes = {}
+    for record in records:
+        if record.disk == disk and record.extent_bytes == EXTENT_BYTES:
+            out.update((record.first + i, h) for i, h in enumerate(record.hashes))
+    return out
 
 
 @dataclass
@@ -130,6 +169,10 @@ class RecordingImage:
         self.log = log if log is not None else EpochLog()
         self.lock = threading.Lock()
         self.full_sync_pending = False
+        #: Called at the first boundary: the backup's extent hashes (empty: send everything).
+        self.peer_hashes: Callable[[], ExtentHashes] = dict
+        self.synced_extents = 0
+        self.skipped_extents = 0
 
     @property
     def size(self) -> int:
@@ -171,7 +214,7 @@ class RecordingImage:
             try:
                 records: list[Record]
                 if self.full_sync_pending:
-                    records = [DiskWrite(disk, off, data) for off, data in self._chunks()]
+                    records = self._first_sync(disk)
                     self.full_sync_pending = False
                 else:
                     records = write_records(disk, epoch.writes)
@@ -180,6 +223,18 @@ class RecordingImage:
             except OSError as exc:
                 raise DiskError(f"reading disk {self.image.path}: {exc}") from None
             return records
+
+    def _first_sync(self, disk: int) -> list[Record]:
+        """Every extent, except those the backup's replica already holds (same hash)."""
+        theirs = self.peer_hashes()
+        records: list[Record] = []
+        for offset, data in self._chunks():
+            if theirs.get(offset // EXTENT_BYTES) == extent_hash(data):
+                self.skipped_extents += 1
+                continue
+            self.synced_extents += 1
+            records.append(DiskWrite(disk, offset, data))
+        return records
 
     def _chunks(self) -> Iterator[tuple[int, bytes]]:
         for offset in range(0, self.size, READ_CHUNK):
@@ -190,6 +245,11 @@ class RecordingImage:
         for _offset, data in self._chunks():
             h.update(data)
         return h.digest()
+
+
+def fd_extent_hashes(fd: int, size: int) -> list[bytes]:
+    """The extent hashes of a replica open on ``fd`` (what the backup sends)."""
+    return [extent_hash(os.pread(fd, min(EXTENT_BYTES, size - off), off)) for off in range(0, size, EXTENT_BYTES)]
 
 
 def file_digest(path: str) -> bytes:

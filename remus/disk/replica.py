@@ -25,9 +25,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from remus.disk.epochs import file_digest
+from remus.disk.epochs import EXTENT_BYTES, extent_hash, fd_extent_hashes, file_digest, hash_records
 from remus.errors import DiskError, RemoteProtocolError
-from remus.stream.records import MAX_DISKS, DiskDigest, DiskWrite
+from remus.stream.records import MAX_DISKS, DiskDigest, DiskHashes, DiskWrite
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,14 @@ class ReplicaSet:
         for path in self.paths if root else ():
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.fds: list[int] = []
+        self.created: list[bool] = []
         self.broken = False
         self.applied_seq = 0
         try:
             for spec, path in zip(self.specs, self.paths):
-                self.fds.append(_open_replica(path, spec.size))
+                fd, created = _open_replica(path, spec.size)
+                self.fds.append(fd)
+                self.created.append(created)
         except BaseException:
             self.close()
             raise
@@ -127,6 +130,21 @@ class ReplicaSet:
         if not disks:
             return None
         return cls(DiskSpec.parse_all(disks), root)
+
+    def hashes(self) -> list[DiskHashes]:
+        """DISK_HASHES of every replica, for the primary's first synchronisation.
+
+        A replica created just now is all zeros: its hashes are computed without reading it.
+        """
+        records: list[DiskHashes] = []
+        for index, (spec, fd, created) in enumerate(zip(self.specs, self.fds, self.created)):
+            if created:
+                full, tail = divmod(spec.size, EXTENT_BYTES)
+                hashes = [extent_hash(bytes(EXTENT_BYTES))] * full + ([extent_hash(bytes(tail))] if tail else [])
+            else:
+                hashes = fd_extent_hashes(fd, spec.size)
+            records += hash_records(index, hashes)
+        return records
 
     def stage(self, staging: DiskStaging, record: DiskWrite | DiskDigest) -> None:
         staging.add(record, self.specs)
@@ -181,7 +199,8 @@ class ReplicaSet:
         self.fds = []
 
 
-def _open_replica(path: str, size: int) -> int:
+def _open_replica(path: str, size: int) -> tuple[int, bool]:
+    """(fd, True if it was created now)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -190,13 +209,14 @@ def _open_replica(path: str, size: int) -> int:
     if current == 0:
         os.ftruncate(fd, size)
         log.info("created disk replica %s (%d bytes)", path, size)
-    elif current != size:
+        return fd, True
+    if current != size:
         os.close(fd)
         raise DiskError(
             f"disk replica {path} has {current} bytes, the primary's disk {size}: "
             "remove or resize it on the backup"
         )
-    return fd
+    return fd, False
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -112,6 +112,8 @@ class RemusRecType(enum.IntEnum):
     DISK_WRITE = REMUS_REC_BASE + 0x0A
     #: A replicated disk's size and BLAKE2b digest as of this checkpoint (verification).
     DISK_DIGEST = REMUS_REC_BASE + 0x0B
+    #: Backup to primary, before ACK 0: hashes of the extents of a replica it already holds.
+    DISK_HASHES = REMUS_REC_BASE + 0x0C
 
 
 class PageKind(enum.IntEnum):
@@ -492,6 +494,40 @@ class DiskDigest:
         return cls(disk, size, digest)
 
 
+#: Bytes of a DISK_HASHES hash (BLAKE2b-128) and most hashes in one record.
+DISK_HASH_BYTES = 16
+DISK_HASHES_MAX = 2048
+
+
+@dataclass(frozen=True)
+class DiskHashes:
+    """``u32 disk``, ``u32 extent_bytes``, ``u64 first`` (extent index), then one 16-byte
+    BLAKE2b hash per extent from ``first`` on (at most ``DISK_HASHES_MAX``)."""
+
+    disk: int
+    extent_bytes: int
+    first: int
+    hashes: tuple[bytes, ...]
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_HASHES
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def encode_body(self) -> bytes:
+        return self._HEAD.pack(self.disk, self.extent_bytes, self.first) + b"".join(self.hashes)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskHashes":
+        _need(len(body) >= cls._HEAD.size, "DISK_HASHES record too short")
+        disk, extent_bytes, first = cls._HEAD.unpack_from(body)
+        rest = body[cls._HEAD.size :]
+        count = len(rest) // DISK_HASH_BYTES
+        _need(len(rest) % DISK_HASH_BYTES == 0 and 0 < count <= DISK_HASHES_MAX,
+              "DISK_HASHES: bad hash list length")
+        _need(disk < MAX_DISKS and extent_bytes > 0, "DISK_HASHES: bad disk index or extent size")
+        hashes = tuple(bytes(rest[i : i + DISK_HASH_BYTES]) for i in range(0, len(rest), DISK_HASH_BYTES))
+        return cls(disk, extent_bytes, first, hashes)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """libxc's CHECKPOINT record (empty body): the domain records before it form
@@ -525,14 +561,14 @@ class XenRecord:
 
 Record = Union[
     Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint, XenRecord,
-    DiskWrite, DiskDigest,
+    DiskWrite, DiskDigest, DiskHashes,
 ]
 
 #: Record classes by wire type; types not listed are libxc's and become ``XenRecord``.
 RECORD_CLASSES: dict[int, Any] = {
     cls.TYPE: cls
     for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint,
-                DiskWrite, DiskDigest)
+                DiskWrite, DiskDigest, DiskHashes)
 }
 
 
