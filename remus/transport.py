@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from remus.errors import BackupLost, RemoteProtocolError, TransportError
 from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
-from remus.stream.records import Ack, Close, CloseReason, Heartbeat, StreamHeader
+from remus.stream.records import Ack, Close, CloseReason, DiskHashes, Heartbeat, StreamHeader
 from remus.stream.sender import EncodedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class TcpChannel:
         self._lost: Optional[str] = None
         self._closing = False
         self._last_heard = time.monotonic()
+        #: DISK_HASHES the backup sent before accepting the session (``remus.disk``).
+        self.disk_hashes: list[DiskHashes] = []
 
     # -- Channel -------------------------------------------------------------------------
     def open(self, opening: bytes) -> None:
@@ -280,6 +282,8 @@ class TcpChannel:
         elif isinstance(event, Close):
             reason = CloseReason(event.reason).name.lower()
             self._set_lost(f"the backup at {self.where} ended the session ({reason}): {event.message}")
+        elif isinstance(event, DiskHashes):
+            self.disk_hashes.append(event)
         elif isinstance(event, (Heartbeat, StreamHeader)):
             pass
         else:
