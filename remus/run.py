@@ -12,6 +12,7 @@ import logging
 import sys
 from remus.channel import BlackholeChannel, Channel
 from remus.clock import StopFlag
+from remus.disk.device import link_to_channel
 from remus.domains import open_domain
 from remus.engine import Engine
 from remus.errors import BackupLost, CheckpointError, RemusError, UsageError
@@ -58,7 +59,7 @@ def run(settings: Settings) -> int:
                     interval_ms=settings.interval_ms,
                     timer=settings.timer,
                     compression=settings.compression,
-                    devices=list(domain.devices(settings.net_buffering, settings.interval_ms)),
+                    devices=link_to_channel(list(domain.devices(settings.net_buffering, settings.interval_ms)), channel),
                     session={
                         "interval_ms": settings.interval_ms,
                         "compression": settings.compression,
