@@ -40,7 +40,8 @@ def run(settings: Settings) -> int:
     stop = StopFlag()
     with stop_on_signals(stop):
         try:
-            domain = open_domain(settings.domain, for_backup=not settings.blackhole)
+            domain = open_domain(settings.domain, for_backup=not settings.blackhole,
+                                 disk_replication=settings.disk_replication)
         except UsageError as exc:
             _say(f"error: {exc}")
             return 2

@@ -28,4 +28,6 @@ class Settings:
     timer: bool = False
     stats_json: Optional[str] = None
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
+    #: False with --no-disk: writable disks are neither replicated nor refused.
+    disk_replication: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)
