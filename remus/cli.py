@@ -15,6 +15,9 @@ Additional options (not in the xm-era remus):
                         FILE
   --ack-timeout=MS      give up on the backup after MS milliseconds without an
                         ack or heartbeat from it (default 5000)
+  --no-disk             protect a Xen domain without replicating its disks
+                        (unsafe, like xl remus -d: after a failover its disks
+                        no longer match its memory)
   --version             show the version and exit
 """
 
@@ -271,6 +274,7 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
         timer=bool(parsed["--timer"]),
         stats_json=_last(parsed, "--stats-json"),
         ack_timeout_ms=ack_timeout_ms,
+        disk_replication=not parsed["--no-disk"],
         warnings=tuple(warnings),
     )
 
