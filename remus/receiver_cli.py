@@ -16,6 +16,9 @@ Options:
   --once                  handle one session, then exit
   --events-json=FILE      append one JSON line per session event (session,
                           commit, activation) to FILE
+  --disk-root=DIR         keep replicated disks under DIR (DIR/var/lib/...)
+                          instead of at the primary's paths (a backup on the
+                          same host)
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def parse(argv: Sequence[str]) -> dict[str, Any]:
         / 1000.0,
         "once": bool(args["--once"]),
         "events_json": args["--events-json"],
+        "disk_root": args["--disk-root"] or "",
     }
 
 

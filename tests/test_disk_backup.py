@@ -141,3 +141,10 @@ def test_disk_records_need_disks_and_must_fit(tmp_path: Path) -> None:
     outputs = refused.receive_data(session_header({"domain": "t", "kind": "sim", "sim": spec.to_dict(),
                                                    "disks": [{"path": "rel.img", "size": 1}]}))
     assert any(type(o).__name__ == "Refused" for o in outputs)
+
+
+def test_receiver_disk_root_option() -> None:
+    from remus.receiver_cli import parse
+
+    assert parse([])["disk_root"] == ""
+    assert parse(["--disk-root", "/srv/replicas"])["disk_root"] == "/srv/replicas"
