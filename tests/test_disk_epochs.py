@@ -237,3 +237,16 @@ def test_the_backup_sends_its_replicas_hashes_before_accepting(tmp_path: Path) -
                     DiskHashes(1, 1 << 20, 0, (extent_hash(bytes(4096)),)), Ack(0)]
     assert session.disks is not None
     session.disks.close()
+
+
+def test_a_xen_config_is_retargeted_to_replicas_kept_elsewhere() -> None:
+    import json
+
+    from remus.disk.replica import retarget_config
+
+    config = json.dumps({"c_info": {"name": "vm"}, "disks": [
+        {"pdev_path": "/img/a.img", "vdev": "xvda", "script": "block-remus"},
+        {"pdev_path": "/img/ro.iso", "vdev": "xvdc"}]})
+    moved = json.loads(retarget_config(config, {"/img/a.img": "/replicas/img/a.img"}))
+    assert [d["pdev_path"] for d in moved["disks"]] == ["/replicas/img/a.img", "/img/ro.iso"]
+    assert retarget_config(config, {}) == config

@@ -20,6 +20,7 @@ decide when a checkpoint commits (``remus.backup``), or run a domain.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -187,6 +188,10 @@ class ReplicaSet:
             raise DiskError("syncing the disk replicas failed; refusing to hand them over")
         return {"disks": list(self.paths), "disk_seq": self.applied_seq}
 
+    def path_map(self) -> dict[str, str]:
+        """Primary's path -> replica's path, for the disks kept elsewhere (``root``)."""
+        return {spec.path: path for spec, path in zip(self.specs, self.paths) if spec.path != path}
+
     def close(self) -> None:
         """Sync (fdatasync) and close the replicas; idempotent.  They stay as they are."""
         for fd in self.fds:
@@ -197,6 +202,25 @@ class ReplicaSet:
                 self.broken = True
             os.close(fd)
         self.fds = []
+
+
+def retarget_config(libxl_config: str, path_map: Mapping[str, str]) -> str:
+    """A Xen domain's libxl configuration (JSON) with its disks' ``pdev_path`` moved to the
+    replicas (for a backup that keeps them under ``--disk-root``); unchanged if nothing moves.
+
+    Raises:
+        DiskError: the configuration is not JSON.
+    """
+    if not path_map:
+        return libxl_config
+    try:
+        config = json.loads(libxl_config)
+    except ValueError as exc:
+        raise DiskError(f"the domain's libxl configuration is not JSON: {exc}") from None
+    for disk in config.get("disks", []) if isinstance(config, dict) else []:
+        if isinstance(disk, dict) and disk.get("pdev_path") in path_map:
+            disk["pdev_path"] = path_map[disk["pdev_path"]]
+    return json.dumps(config)
 
 
 def _open_replica(path: str, size: int) -> tuple[int, bool]:
