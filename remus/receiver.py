@@ -354,11 +354,16 @@ class Receiver:
 
     def _activate_domain(self, session: BackupSession) -> dict[str, Any]:
         if session.kind == "xen":
+            info = session.info
+            if session.disks is not None and isinstance(info.get("libxl_config"), str):
+                from remus.disk.replica import retarget_config  # the domain runs on the replicas
+
+                info = dict(info, libxl_config=retarget_config(info["libxl_config"], session.disks.path_map()))
             if self.restore_xen is not None:
-                return self.restore_xen(session.info, session.image)
+                return self.restore_xen(info, session.image)
             from remus.xen.restore import restore_domain
 
-            return restore_domain(session.info, session.image)
+            return restore_domain(info, session.image)
         from remus.sim.domain import SimulatedDomain, spec_from_session
 
         spec = spec_from_session(session.info)
