@@ -78,3 +78,41 @@ def test_kernel_mode_without_nbd_exits_1_naming_modprobe(tmp_path: Path) -> None
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip().endswith("modprobe nbd"), out.stderr
+
+
+def test_controlled_disk_first_sync_uses_the_backups_hashes_and_eof_stops_recording(tmp_path: Path) -> None:
+    import socket as socketlib
+    import threading
+
+    from remus.disk.control import serve_control
+    from remus.disk.epochs import EXTENT_BYTES, RecordingImage, extent_hash, hash_records
+    from remus.disk.server import ImageFile
+    from remus.stream.records import DiskWrite
+
+    image = tmp_path / "vm.img"
+    image.write_bytes(b"\x09" * (3 * EXTENT_BYTES))
+    target = RecordingImage(ImageFile(str(image)))
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    listener.bind(str(tmp_path / "c.sock"))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        serve_control(conn, target)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    disk = ControlledDisk(1, str(tmp_path / "c.sock"))
+    same = extent_hash(b"\x09" * EXTENT_BYTES)
+    disk.peer_hashes = lambda: hash_records(1, [same, extent_hash(bytes(EXTENT_BYTES)), same]) + \
+        hash_records(0, [b"z" * 16])  # another disk's hashes are not this one's
+    disk.install()
+    disk.postsuspend()
+    sent = disk.records(1)
+    assert [(r.disk, r.offset) for r in sent if isinstance(r, DiskWrite)] == [(1, EXTENT_BYTES)]
+    assert target.log.protecting
+    disk.sock.close()  # remus went away without X
+    thread.join(timeout=10)
+    assert not target.log.protecting
+    listener.close()
+    target.image.close()

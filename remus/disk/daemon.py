@@ -56,6 +56,20 @@ def _write_ready(path: Optional[str], device: str) -> None:
     os.replace(tmp, path)
 
 
+PR_SET_IO_FLUSHER = 57  # include/uapi/linux/prctl.h (Linux 5.6)
+
+
+def _io_flusher() -> None:
+    """Mark this process as an I/O flusher: its own allocations must not wait on the writeback
+    of the device it serves (a block server that can deadlock on itself otherwise)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning("PR_SET_IO_FLUSHER failed (errno %d): memory pressure could stall this disk",
+                    ctypes.get_errno())
+
+
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     """Serve until ``stop`` is set; the exit status."""
     image = ImageFile(args.image)
@@ -73,6 +87,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             from remus.disk.kernel import NbdNetlink, attach
 
             netlink = NbdNetlink()
+            _io_flusher()
             index = attach(server, netlink, args.index)
             device = f"/dev/nbd{index}"
         else:

@@ -67,9 +67,13 @@ def link_to_channel(devices: list[D], channel: Any) -> list[D]:
 
     A channel without ``disk_hashes`` (``--blackhole``) leaves every disk to a full first sync.
     """
+    from remus.disk.control import ControlledDisk
+
     for device in devices:
         if isinstance(device, DiskDevice):
             device.target.peer_hashes = _hashes_of(channel, device.index)
+        elif isinstance(device, ControlledDisk):
+            device.peer_hashes = lambda: list(getattr(channel, "disk_hashes", []))
     return devices
 
 
