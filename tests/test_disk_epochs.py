@@ -161,19 +161,23 @@ def test_replica_is_created_with_the_size_and_applies_only_what_is_committed(tmp
     replicas = ReplicaSet([spec], root=str(tmp_path))
     path = replica_path(spec, str(tmp_path))
     assert path == str(tmp_path / "var/lib/xen/images/vm1.img") and os.path.getsize(path) == 64 * 1024
+    first = DiskStaging()
+    replicas.stage(first, DiskWrite(0, 4096, b"F" * 10))  # before the first commit: written through
+    assert Path(path).read_bytes()[4096:4106] == b"F" * 10 and first.writes == []
+    replicas.apply(1, first)
     staging = DiskStaging()
     replicas.stage(staging, DiskWrite(0, 0, b"A" * 4096))
     replicas.stage(staging, DiskWrite(0, 0, b"B" * 100))  # later writes win, in order
-    assert Path(path).read_bytes() == bytes(64 * 1024)  # staged is not applied
-    expected = b"B" * 100 + b"A" * 3996 + bytes(60 * 1024)
+    assert Path(path).read_bytes() == b"\0" * 4096 + b"F" * 10 + bytes(60 * 1024 - 10)  # staged: not applied
+    expected = b"B" * 100 + b"A" * 3996 + b"F" * 10 + bytes(60 * 1024 - 10)
 
     replicas.stage(staging, DiskDigest(0, 64 * 1024, hashlib.blake2b(expected, digest_size=32).digest()))
-    replicas.apply(1, staging)
+    replicas.apply(2, staging)
     assert Path(path).read_bytes() == expected
     # an uncommitted checkpoint's staging is simply dropped: nothing reaches the replica
     dropped = DiskStaging()
     replicas.stage(dropped, DiskWrite(0, 8192, b"C" * 10))
-    assert replicas.handover() == {"disks": [path], "disk_seq": 1}
+    assert replicas.handover() == {"disks": [path], "disk_seq": 2}
     assert Path(path).read_bytes() == expected
 
 def test_replica_refuses_bad_records_and_a_wrong_size(tmp_path: Path) -> None:

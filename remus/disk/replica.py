@@ -8,7 +8,8 @@ missing.  ``DiskStaging`` collects one checkpoint's ``DiskWrite`` and
 ``DiskDigest`` records in memory (pure data, bounded);
 ``ReplicaSet.apply`` writes them to the replicas when, and only when, that
 checkpoint's COMMIT has been verified, in the order they were written on the
-primary.  A replica therefore always holds the disk of the last committed
+primary.  (The first checkpoint's writes go to the replicas as they arrive:
+until it commits there is nothing to fail over to.)  A replica therefore always holds the disk of the last committed
 checkpoint, and ``handover`` gives it to the domain at failover after an
 ``fdatasync``.
 
@@ -148,7 +149,26 @@ class ReplicaSet:
         return records
 
     def stage(self, staging: DiskStaging, record: DiskWrite | DiskDigest) -> None:
+        """Stage ``record`` for its checkpoint's commit.
+
+        Until the first checkpoint commits, writes go to the replica at once
+        instead: before that commit there is nothing to fail over to, so the
+        replica's contents do not matter yet, and the first checkpoint (the
+        whole disk) is never held in memory.
+
+        Raises:
+            RemoteProtocolError: the record does not fit the session's disks.
+            DiskError: a write-through failed (the set is broken from now on).
+        """
         staging.add(record, self.specs)
+        if self.applied_seq == 0 and isinstance(record, DiskWrite):
+            staging.writes.pop()
+            staging.nbytes -= len(record.data)
+            try:
+                _pwrite_all(self.fds[record.disk], record.data, record.offset)
+            except OSError as exc:
+                self.broken = True
+                raise DiskError(f"writing the first checkpoint to the disk replicas failed: {exc}") from None
 
     def apply(self, seq: int, staging: DiskStaging) -> None:
         """Write checkpoint ``seq``'s staged writes, in order, then check its digests.
