@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from remus.backup import BackupSession, Committed
+from remus.backup.session import BackupSession, Committed
 from remus.clock import FakeClock, StopFlag
 from remus.disk.device import DiskDevice
 from remus.disk.epochs import RecordingImage
@@ -145,7 +145,7 @@ def test_disk_records_need_disks_and_must_fit(tmp_path: Path) -> None:
 
 
 def test_receiver_disk_root_option() -> None:
-    from remus.receiver_cli import parse
+    from remus.backup.cli import parse
 
     assert parse([])["disk_root"] == ""
     assert parse(["--disk-root", "/srv/replicas"])["disk_root"] == "/srv/replicas"

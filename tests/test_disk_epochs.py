@@ -224,7 +224,7 @@ def test_first_sync_sends_only_the_extents_the_backup_lacks(tmp_path: Path) -> N
 
 
 def test_the_backup_sends_its_replicas_hashes_before_accepting(tmp_path: Path) -> None:
-    from remus.backup import BackupSession, SendBack
+    from remus.backup.session import BackupSession, SendBack
     from remus.disk.epochs import extent_hash
     from remus.sim.spec import SimSpec
     from remus.stream.records import Ack, DiskHashes

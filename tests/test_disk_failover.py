@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from remus.backup import BackupSession
+from remus.backup.session import BackupSession
 from remus.sim.disk import expected_disk, writes_on
+from tests.helpers import write_key_file
 from tests.test_transport import ROOT, ReceiverThread
 
 RUNS = int(os.environ.get("REMUS_DISK_KILLS", "3"))
@@ -34,25 +35,34 @@ def one_kill(run: int, tmp: Path) -> None:
     backup_root = tmp / f"backup{run}"
     seed = 1000 + run
     target = rng.randrange(3, 8)
-    after_s = rng.uniform(0.4, 1.2)  # the writer process needs a moment to start writing
-    state: dict[str, object] = {}
+    state: dict[str, object] = {"looked": 0.0}
+
+    def guest_has_written(session: BackupSession) -> bool:
+        """The committed replica holds some of the guest's writes (looked at every 0.2 s)."""
+        now = time.monotonic()
+        if session.disks is None or now - float(state["looked"]) < 0.2:  # type: ignore[arg-type]
+            return False
+        state["looked"] = now
+        with open(session.disks.paths[0], "rb") as f:
+            return any(f.read())
 
     def on_progress(session: BackupSession) -> None:
         proc = state.get("proc")
-        if session.image.seq and "first" not in state:
-            state["first"] = time.monotonic()
-        started = state.get("first")
-        if not isinstance(started, float) or time.monotonic() - started < after_s:
+        if not isinstance(proc, subprocess.Popen) or "killed_at" in state or session.image.seq < target:
             return
-        if isinstance(proc, subprocess.Popen) and "killed_at" not in state and session.image.seq >= target:
-            proc.send_signal(signal.SIGKILL)
-            state["killed_at"] = session.image.seq
+        if state.get("written") or guest_has_written(session):
+            state["written"] = True
+            extra = state.setdefault("extra", session.image.seq + rng.randrange(0, 6))
+            if session.image.seq >= extra:  # type: ignore[operator]
+                proc.send_signal(signal.SIGKILL)
+                state["killed_at"] = session.image.seq
 
-    backup = ReceiverThread(heartbeat_timeout_s=2.0, on_progress=on_progress, disk_root=str(backup_root))
+    backup = ReceiverThread(takeover_timeout_s=2.0, on_progress=on_progress, disk_root=str(backup_root))
     spec = (f"sim:d{run},memory=2M,dirty_rate=2000,packet_rate=50,seed={seed},"
             f"disk={primary_img},disk_size={SIZE},disk_rate=300")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "remus.cli", "-i", str(rng.choice([20, 40])), spec,
+    proc = subprocess.Popen([sys.executable, "-m", "remus.cli", "-i", str(rng.choice([20, 40])),
+                             "--key-file", write_key_file(tmp), spec,
                              "127.0.0.1", "-p", str(backup.port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state["proc"] = proc

@@ -109,6 +109,6 @@ def xen_session(checkpoints: int, config: object = CONFIG, compression: bool = T
         records = guest.checkpoint()
         if disk is not None:
             records = [*records, DiskWrite(0, 512 * guest.seq, bytes([guest.seq]) * 512)]
-        for chunk in encoder.encode(guest.seq, records).chunks:
+        for chunk in encoder.encode(guest.seq, records, captured_unix=1_700_000_000.0 + guest.seq).chunks:
             stream += chunk
     return bytes(stream), guest

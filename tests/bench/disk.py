@@ -42,6 +42,7 @@ from remus.sim.domain import SimulatedDomain
 from remus.sim.spec import parse_sim_spec
 from remus.stats import CheckpointStats
 from remus.transport import TcpChannel
+from tests.helpers import LINK_KEY, write_key_file
 
 BIG = 64 * 1024
 SMALL = 4096
@@ -102,8 +103,9 @@ def start_receiver(work: str) -> tuple[subprocess.Popen[bytes], int]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     events = os.path.join(work, "events")
-    proc = subprocess.Popen([sys.executable, "-m", "remus.receiver_cli", "--listen", "127.0.0.1", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "remus.backup.cli", "--listen", "127.0.0.1", "--port",
                              str(port), "--once", "--disk-root", os.path.join(work, "backup"),
+                             "--key-file", write_key_file(work), "--control", os.path.join(work, "control"),
                              "--events-json", events], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not os.path.exists(events) and time.monotonic() < deadline:
@@ -120,7 +122,7 @@ def run_replicated(work: str, size: int, seconds: float, interval_ms: int) -> di
     receiver, port = start_receiver(work)
     stop = StopFlag()
     checkpoints: list[CheckpointStats] = []
-    engine = Engine(domain, TcpChannel("127.0.0.1", port), interval_ms=interval_ms,
+    engine = Engine(domain, TcpChannel("127.0.0.1", port, key=LINK_KEY), interval_ms=interval_ms,
                     devices=[DiskDevice(0, target)], stop=stop, on_checkpoint=checkpoints.append)
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()

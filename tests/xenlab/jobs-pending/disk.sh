@@ -94,6 +94,8 @@ section "disk replication: nbd, block-remus, the guest domd with a data disk"
 xl destroy domu 2>/dev/null  # memory for domd
 lab_install_remus
 ok=0
+# remus and remus-receiver share the key in /etc/remus/authkey (their default)
+[ -f /etc/remus/authkey ] || python3 $LAB_BUILD/bin/remus-keygen || ok=1
 modprobe nbd || ok=1
 install -m 755 $LAB_BUILD/hotplug/block-remus /etc/xen/scripts/block-remus || ok=1
 build_domd || ok=1
