@@ -149,3 +149,37 @@ def test_receiver_disk_root_option() -> None:
 
     assert parse([])["disk_root"] == ""
     assert parse(["--disk-root", "/srv/replicas"])["disk_root"] == "/srv/replicas"
+
+
+def test_a_broken_replica_set_is_never_handed_to_a_domain(tmp_path: Path) -> None:
+    from remus.backup.activation import DiskStandby
+    from remus.disk.replica import DiskSpec, DiskStaging, ReplicaSet
+    from remus.errors import DiskError
+    from remus.stream.records import DiskDigest
+
+    class Inner:
+        activated = discarded = False
+
+        def committed(self, image: object, seq: int, changed: object) -> None: ...
+
+        def activate(self) -> dict[str, object]:
+            Inner.activated = True
+            return {"counter": 1}
+
+        def discard(self) -> None:
+            Inner.discarded = True
+
+        def close(self) -> None: ...
+
+    replicas = ReplicaSet([DiskSpec("/d.img", 4096)], root=str(tmp_path))
+    replicas.apply(1, DiskStaging())
+    staging = DiskStaging()
+    replicas.stage(staging, DiskDigest(0, 4096, bytes(32)))  # the replica will not match it
+    with pytest.raises(RemoteProtocolError):
+        replicas.apply(2, staging)
+    standby = DiskStandby(Inner(), replicas)  # type: ignore[arg-type]
+    with pytest.raises(DiskError, match="refusing to hand over"):
+        standby.activate()
+    assert not Inner.activated
+    good = DiskStandby(Inner(), ReplicaSet([DiskSpec("/e.img", 4096)], root=str(tmp_path)))  # type: ignore[arg-type]
+    assert good.activate() == {"counter": 1, "disks": [str(tmp_path / "e.img")], "disk_seq": 0}
