@@ -142,9 +142,13 @@ def run_replicated(work: str, size: int, seconds: float, interval_ms: int) -> di
         return result
     finally:
         stop.set("bench")
-        thread.join()
+        thread.join(timeout=120)
         domain.close()
-        receiver.wait(timeout=30)
+        try:
+            receiver.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave it behind
+            receiver.kill()
+            receiver.wait()
         target.image.close()
 
 
