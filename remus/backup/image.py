@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, MutableMapping, Optional
 
+from remus.disk.replica import DiskStaging
 from remus.errors import RemoteProtocolError
 from remus.stream.records import (
     PAGE_DATA_PFN_MASK,
@@ -45,6 +46,8 @@ class Staging:
     checkpoint_seen: bool = False
     #: How many of ``records`` had arrived when the first page did (None: no page yet).
     records_before_pages: Optional[int] = None
+    #: The checkpoint's disk writes, applied to the replicas at its commit (``remus.disk.replica``).
+    disk: DiskStaging = field(default_factory=DiskStaging)
 
     def add_page(self, word: int, data: Optional[bytes]) -> None:
         pfn = word & PAGE_DATA_PFN_MASK

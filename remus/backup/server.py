@@ -69,7 +69,7 @@ from remus.backup.session import (
     StreamEnded,
 )
 from remus.clock import StopFlag
-from remus.errors import RemoteProtocolError, RemusError
+from remus.errors import DiskError, RemoteProtocolError, RemusError
 from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
@@ -127,6 +127,7 @@ class Receiver:
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
         on_progress: Optional[Callable[[BackupSession], None]] = None,
         restore_xen: Optional[XenRestorer] = None,
+        disk_root: str = "",
     ) -> None:
         if takeover not in ("auto", "manual"):
             raise ValueError(f"takeover must be auto or manual, not {takeover!r}")
@@ -149,6 +150,7 @@ class Receiver:
         self._emit = on_event
         self.on_progress = on_progress
         self.restore_xen = restore_xen
+        self.disk_root = disk_root  # disk replicas under this directory (remus.disk.replica)
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
         self._control: Optional[ControlSocket] = None
@@ -331,7 +333,7 @@ class Receiver:
         except OSError:
             close_quietly(sock)
             return
-        session = BackupSession(self.max_memory)
+        session = BackupSession(self.max_memory, self.disk_root)
         heartbeats = Heartbeats(out)
         self._live = Live(sock, pending.host, link, session, out, heartbeats, time.monotonic())
         heartbeats.start()
@@ -387,7 +389,7 @@ class Receiver:
         """Feed plaintext (``b""``: EOF) to the session; False once the session ended."""
         try:
             outputs = live.session.receive_data(plain)
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, DiskError) as exc:
             self._broken(live, f"invalid stream ({exc})")
             return False
         for output in outputs:
@@ -450,7 +452,7 @@ class Receiver:
                       f"{time.strftime('%H:%M:%S', time.localtime(running.since_unix))}; stop it here before "
                       "protecting it again")
         try:
-            live.standby = open_standby(info, restore_xen=self.restore_xen)
+            live.standby = open_standby(info, restore_xen=self.restore_xen, disks=live.session.disks)
         except RemusError as exc:
             return self._refuse_live(live, f"cannot take domain {info.get('domain')!r}: {exc}")
         if self._held is not None and self._held.name == name:
@@ -488,6 +490,8 @@ class Receiver:
             except OSError:
                 pass
         close_quietly(live.sock)
+        if live.session.disks is not None:  # synced and closed; a held session hands them over as is
+            live.session.disks.close()
         if self._live is live:
             self._live = None
 

@@ -223,7 +223,9 @@ class SimulatedDomain:
     # -- Domain protocol ---------------------------------------------------------------
     @property
     def info(self) -> DomainInfo:
-        return DomainInfo("sim", self.spec.name, {"sim": self.spec.to_dict()})
+        from remus.sim.disk import session_disks
+
+        return DomainInfo("sim", self.spec.name, {"sim": self.spec.to_dict(), **session_disks(self.spec)})
 
     @property
     def suspended(self) -> bool:
@@ -234,7 +236,15 @@ class SimulatedDomain:
         return self._proc.pid if self._proc else None
 
     def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
-        return [SimOutputBuffer(self.queue, self.nic, buffering=net_buffering)]
+        output = SimOutputBuffer(self.queue, self.nic, buffering=net_buffering)
+        if self.spec.disk is None or self.role != "primary":
+            return [output]
+        from remus.sim.disk import SimDisk
+
+        if getattr(self, "disk", None) is None:
+            self.disk: Optional[SimDisk] = SimDisk(self.spec)  # closed in _teardown
+        assert self.disk is not None
+        return [self.disk.device, output]  # disks first
 
     def suspend(self) -> None:
         self._command(b"s", b"S")
@@ -332,6 +342,10 @@ class SimulatedDomain:
                 except OSError:
                     pass
                 setattr(self, name, None)
+        disk = getattr(self, "disk", None)
+        if disk is not None:
+            disk.close()
+            self.disk = None
         queue = getattr(self, "queue", None)
         if queue is not None and not self._holding:
             queue.release_all()

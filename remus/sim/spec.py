@@ -17,6 +17,9 @@ pattern        what a write does and what memory holds at boot  random
                ``words``: a few 32/64-bit counters and pointers
                per write, memory at boot a mix of small
                integers, pointers and zero bytes, no zero half)
+disk           raw disk image the guest writes (remus.sim.disk) (none)
+disk_size      its size, if it has to be created                16M
+disk_rate      4 KiB blocks the guest writes per second         50
 =============  ==============================================  ==========
 
 This module only parses; it never starts a guest.
@@ -24,6 +27,7 @@ This module only parses; it never starts a guest.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -54,6 +58,9 @@ class SimSpec:
     output: Optional[str] = None
     packet_rate: int = 20
     pattern: str = "random"
+    disk: Optional[str] = None
+    disk_size: int = 16 << 20
+    disk_rate: int = 50
 
     @property
     def pages(self) -> int:
@@ -118,6 +125,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "output": str,
     "packet_rate": _parse_int,
     "pattern": str,
+    "disk": os.path.abspath,
+    "disk_size": _parse_size,
+    "disk_rate": _parse_int,
 }
 
 
@@ -148,6 +158,12 @@ def _validate(spec: SimSpec, typed: Optional[Mapping[str, str]] = None) -> None:
         raise bad("packet_rate", f"must be between 0 and {MAX_PACKET_RATE} per second")
     if spec.pattern not in PATTERNS:
         raise bad("pattern", f"must be one of {', '.join(PATTERNS)}")
+    if spec.disk is not None and (not isinstance(spec.disk, str) or not spec.disk.startswith("/")):
+        raise bad("disk", "must be a file path")
+    if not isinstance(spec.disk_size, int) or not 65536 <= spec.disk_size <= 1 << 40 or spec.disk_size % 4096:
+        raise bad("disk_size", "must be a multiple of 4K between 64K and 1T")
+    if not isinstance(spec.disk_rate, int) or not 0 < spec.disk_rate <= 100_000:
+        raise bad("disk_rate", "must be between 1 and 100000 blocks per second")
 
 
 def parse_sim_spec(text: str) -> SimSpec:
