@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.1
 CONNECT_TIMEOUT_S = 10.0
+#: The longest an orderly stop waits for a backup that is still talking to confirm its CLOSE.
+CLOSE_CAP_S = 30.0
 _RECV_BYTES = 1 << 18
 
 
@@ -375,8 +377,7 @@ class TcpChannel:
             self._out.send(encode_record(Close(reason, message)))
             self._out.send_final()
             self._sock.shutdown(socket.SHUT_WR)
-            if self._reader is not None:
-                self._reader.join(timeout=timeout_s)  # the backup closes its side in turn
+            self._await_confirmation(timeout_s, timeout_s if error else CLOSE_CAP_S)
         except OSError:
             pass
         finally:
@@ -399,6 +400,22 @@ class TcpChannel:
             self._reader.join(timeout=2)
 
     # -- internals -------------------------------------------------------------------------
+    def _await_confirmation(self, silence_s: float, cap_s: float) -> None:
+        """Wait for the backup to close its side after our CLOSE: as long as it keeps
+        talking (a busy backup still sends heartbeats) and has not been silent for
+        ``silence_s`` since the CLOSE or its last word, at most ``cap_s`` in all."""
+        reader = self._reader
+        if reader is None:
+            return
+        started = time.monotonic()
+        while reader.is_alive():
+            reader.join(0.05)
+            now = time.monotonic()
+            with self._cond:
+                quiet = now - max(self._contact.heard, started)
+            if quiet >= silence_s or now - started >= cap_s:
+                return
+
     def _wait_for(self, seq: int, silence_s: float, interrupt: Callable[[], bool]) -> None:
         with self._cond:
             while True:
