@@ -318,12 +318,12 @@ def test_a_busy_backup_that_keeps_talking_gets_time_to_confirm_the_close() -> No
     def then(backup: FakeBackup, conn: socket.socket) -> None:
         backup.wait(lambda: any(isinstance(r, Close) for r in backup.records))
         for n in range(10):  # busy for a second after the CLOSE, heartbeats still going out
-            backup.send(encode_record(Heartbeat(n)))
+            conn.sendall(encode_record(Heartbeat(n)))
             time.sleep(0.1)
         conn.shutdown(socket.SHUT_WR)
 
     backup = FakeBackup(accepting(None, then))
-    channel = TcpChannel("127.0.0.1", backup.port)
+    channel = TcpChannel("127.0.0.1", backup.port, key=LINK_KEY)
     channel.open(OPENING)
     assert channel.close("primary stopped: SIGINT", timeout_s=0.3) is True
     backup.close()
