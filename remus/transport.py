@@ -250,7 +250,20 @@ class _Contact:
         self.heard, self.heard_wall = now, wall
         self.beat: Optional[float] = None
         self.beat_wall = wall
+        self.acked, self.acked_wall = now, wall
         self.latched: Optional[Silence] = None
+
+    def acked_now(self) -> None:
+        """An ACK arrived: proof that the backup heard this primary a moment ago."""
+        self.acked, self.acked_wall = time.monotonic(), time.time()
+
+    def check_proof(self) -> None:
+        """Latch a silence if the backup has proved it hears us (an ACK) longer than
+        its takeover timeout ago.  Only asked when the backup did not confirm the end:
+        its heartbeats say it is alive, not that our bytes reach it (a link cut in one
+        direction only)."""
+        self._gap(time.monotonic() - self.acked, self.acked_wall,
+                  "the backup acknowledged nothing (it may not have heard this primary)")
 
     def heard_now(self) -> None:
         now, wall = time.monotonic(), time.time()
@@ -382,6 +395,9 @@ class TcpChannel:
             pass
         finally:
             confirmed = self._eof or (self._lost is not None and self._lost.orderly)
+            if not confirmed:
+                with self._cond:
+                    self._contact.check_proof()
             self.abort()
         return confirmed
 
@@ -525,6 +541,7 @@ class TcpChannel:
     def _on_event(self, event: object) -> None:
         if isinstance(event, Ack):
             with self._cond:
+                self._contact.acked_now()
                 if self._lost is None and event.seq > self._acked:  # none counts after a refusal
                     self._acked = event.seq
                 self._cond.notify_all()
