@@ -274,8 +274,11 @@ class AckRecorder:
         if seq >= self.checkpoints:
             self.stop.set("test")
 
-    def close(self, message: str) -> None:
-        pass
+    def close(self, message: str, *, error: bool = False, timeout_s: float = 2.0) -> bool:
+        return True
+
+    def out_of_contact(self) -> None:
+        return None
 
     def abort(self) -> None:
         pass
