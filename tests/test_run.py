@@ -176,8 +176,12 @@ def test_a_stop_during_the_first_checkpoint_is_an_orderly_close(tmp_path: Path, 
     assert primary.returncode == 0, stderr
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
     assert "closed" in kinds and "activated" not in kinds, kinds
-    assert stderr.splitlines()[-1].startswith(f"remus: stopped ({signals[0]}); the backup confirmed the end "
-                                              "of the session; the simulated guest big ends with remus")
+    # The stop may land before the backup's ACK 0 reached the primary: CLOSE follows the session at once.
+    last = stderr.splitlines()[-1]
+    assert last.startswith(f"remus: stopped ({signals[0]}); "), last
+    assert ("the backup confirmed the end of the session; " in last
+            or "the backup had not accepted the session yet; " in last), last
+    assert last.endswith("the simulated guest big ends with remus, its output released"), last
 
 
 def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
@@ -208,7 +212,7 @@ def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
         for s in [*fillers, listener]:
             s.close()
     assert primary.returncode == 0, stderr
-    assert stderr.splitlines()[-1] == ("remus: stopped (SIGINT); no session with the backup had begun; "
+    assert stderr.splitlines()[-1] == ("remus: stopped (SIGINT); the backup had not accepted the session yet; "
                                        "the simulated guest c ends with remus, its output released"), stderr
 
 
