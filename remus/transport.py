@@ -190,6 +190,13 @@ class SealedSocket:
         with self._lock:
             self.link.send_final(self.sock)
 
+    def send_last(self, data: bytes) -> None:
+        """``data`` and then the FINAL frame, in one write: a backup that closes as soon as
+        it has read ``data`` (a CLOSE) finds nothing unread behind it (unread bytes would
+        make its kernel answer with a reset instead of an orderly end)."""
+        with self._lock:
+            self.sock.sendall(self.link.seal(data) + self.link.sealer.final())
+
 
 class Heartbeats:
     """Sends a HEARTBEAT record every ``interval_s`` until stopped or the socket fails.
@@ -323,6 +330,7 @@ class TcpChannel:
         self._acked = -1
         self._lost: Optional[BackupLost] = None
         self._closing = False
+        self._close_sent = False
         self._eof = False
         self._session_sent = False
         self._contact = _Contact(self.takeover_ms / 1000.0)
@@ -387,8 +395,8 @@ class TcpChannel:
         reason = CloseReason.ERROR if error else CloseReason.STOPPED
         try:
             self._sock.settimeout(timeout_s)
-            self._out.send(encode_record(Close(reason, message)))
-            self._out.send_final()
+            self._close_sent = True
+            self._out.send_last(encode_record(Close(reason, message)))
             self._sock.shutdown(socket.SHUT_WR)
             self._await_confirmation(timeout_s, timeout_s if error else CLOSE_CAP_S)
         except OSError:
@@ -532,7 +540,12 @@ class TcpChannel:
             if self._lost is None or not self._lost.orderly:
                 self._set_lost(f"the backup at {self.where} sent an invalid stream: {exc}")
         except OSError as exc:
-            if not self._closing:
+            if self._close_sent and exc.errno == errno.ECONNRESET:
+                # The backup dropped the connection after our CLOSE: it ended the session (it
+                # may have closed with our last bytes unread). Silence long enough for a takeover
+                # was ruled out before the CLOSE, so this ends the session as EOF does.
+                self._eof = True
+            elif not self._closing:
                 self._set_lost(f"the connection to the backup at {self.where} failed: {exc.strerror or exc}")
         finally:
             with self._cond:
