@@ -282,6 +282,9 @@ class Receiver:
             except OSError as exc:
                 self._drop_pending(pending, f"connection failed: {exc.strerror or exc}", quiet=True)
                 return
+            if data == b"":  # a port probe, or a stranger that gave up: not worth a log line
+                self._drop_pending(pending, "closed before authenticating", quiet=True)
+                return
             if data is not None:
                 try:
                     pending.responder.receive_data(data)
@@ -293,9 +296,6 @@ class Receiver:
                     return
                 except OSError as exc:
                     self._drop_pending(pending, f"connection failed: {exc.strerror or exc}", quiet=True)
-                    return
-                if not data and not pending.responder.done:
-                    self._drop_pending(pending, "closed before authenticating", quiet=True)
                     return
         if pending.responder.done and pending.allowed is not None:
             # A peer not allowed by hosts-allow hears why only once it proved it holds the key.
