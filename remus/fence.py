@@ -65,8 +65,8 @@ def run_fence(cmd: str, env: Mapping[str, str], timeout_s: float) -> FenceResult
     """Run ``sh -c cmd`` with ``env`` added to the environment; wait at most ``timeout_s``.
 
     Never raises for a command that fails, hangs or cannot be started: that is
-    a ``FenceResult`` with ``ok`` False.  The command's output goes to the log
-    (``logging``, this module's logger) as well.
+    a ``FenceResult`` with ``ok`` False.  The command's output also goes to the
+    log, one WARNING per line (``fence: ...``), so that an admin sees what it did.
     """
     started = time.monotonic()
     try:
@@ -84,7 +84,7 @@ def run_fence(cmd: str, env: Mapping[str, str], timeout_s: float) -> FenceResult
     seconds = time.monotonic() - started
     tail = output[-OUTPUT_TAIL_BYTES:].decode("utf-8", "replace")
     for line in tail.splitlines():
-        log.info("fence: %s", line)
+        log.warning("fence: %s", line)
     if status is None:
         tail += f"\n(no answer within {timeout_s:.1f} s: killed)"
     return FenceResult(status == 0, status, tail, seconds)

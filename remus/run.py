@@ -168,7 +168,7 @@ def _protect(settings: Settings, domain: Domain, stop: StopFlag, key: Optional[b
     if status == 0:
         told = ""
         if not settings.blackhole and not engine.opened:
-            told = "no session with the backup had begun; "
+            told = "the backup had not accepted the session yet; "
         elif not settings.blackhole:
             told = ("the backup confirmed the end of the session; " if engine.close_confirmed else
                     "the backup did not confirm the end of the session (check that it did not take over); ")

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.1
 CONNECT_TIMEOUT_S = 10.0
+#: The longest an orderly stop waits for a backup that is still talking to confirm its CLOSE.
+CLOSE_CAP_S = 30.0
 _RECV_BYTES = 1 << 18
 
 
@@ -188,6 +190,13 @@ class SealedSocket:
         with self._lock:
             self.link.send_final(self.sock)
 
+    def send_last(self, data: bytes) -> None:
+        """``data`` and then the FINAL frame, in one write: a backup that closes as soon as
+        it has read ``data`` (a CLOSE) finds nothing unread behind it (unread bytes would
+        make its kernel answer with a reset instead of an orderly end)."""
+        with self._lock:
+            self.sock.sendall(self.link.seal(data) + self.link.sealer.final())
+
 
 class Heartbeats:
     """Sends a HEARTBEAT record every ``interval_s`` until stopped or the socket fails.
@@ -248,7 +257,20 @@ class _Contact:
         self.heard, self.heard_wall = now, wall
         self.beat: Optional[float] = None
         self.beat_wall = wall
+        self.acked, self.acked_wall = now, wall
         self.latched: Optional[Silence] = None
+
+    def acked_now(self) -> None:
+        """An ACK arrived: proof that the backup heard this primary a moment ago."""
+        self.acked, self.acked_wall = time.monotonic(), time.time()
+
+    def check_proof(self) -> None:
+        """Latch a silence if the backup has proved it hears us (an ACK) longer than
+        its takeover timeout ago.  Only asked when the backup did not confirm the end:
+        its heartbeats say it is alive, not that our bytes reach it (a link cut in one
+        direction only)."""
+        self._gap(time.monotonic() - self.acked, self.acked_wall,
+                  "the backup acknowledged nothing (it may not have heard this primary)")
 
     def heard_now(self) -> None:
         now, wall = time.monotonic(), time.time()
@@ -308,6 +330,7 @@ class TcpChannel:
         self._acked = -1
         self._lost: Optional[BackupLost] = None
         self._closing = False
+        self._close_sent = False
         self._eof = False
         self._session_sent = False
         self._contact = _Contact(self.takeover_ms / 1000.0)
@@ -374,15 +397,17 @@ class TcpChannel:
         reason = CloseReason.ERROR if error else CloseReason.STOPPED
         try:
             self._sock.settimeout(timeout_s)
-            self._out.send(encode_record(Close(reason, message)))
-            self._out.send_final()
+            self._close_sent = True
+            self._out.send_last(encode_record(Close(reason, message)))
             self._sock.shutdown(socket.SHUT_WR)
-            if self._reader is not None:
-                self._reader.join(timeout=timeout_s)  # the backup closes its side in turn
+            self._await_confirmation(timeout_s, timeout_s if error else CLOSE_CAP_S)
         except OSError:
             pass
         finally:
             confirmed = self._eof or (self._lost is not None and self._lost.orderly)
+            if not confirmed:
+                with self._cond:
+                    self._contact.check_proof()
             self.abort()
         return confirmed
 
@@ -401,6 +426,22 @@ class TcpChannel:
             self._reader.join(timeout=2)
 
     # -- internals -------------------------------------------------------------------------
+    def _await_confirmation(self, silence_s: float, cap_s: float) -> None:
+        """Wait for the backup to close its side after our CLOSE: as long as it keeps
+        talking (a busy backup still sends heartbeats) and has not been silent for
+        ``silence_s`` since the CLOSE or its last word, at most ``cap_s`` in all."""
+        reader = self._reader
+        if reader is None:
+            return
+        started = time.monotonic()
+        while reader.is_alive():
+            reader.join(0.05)
+            now = time.monotonic()
+            with self._cond:
+                quiet = now - max(self._contact.heard, started)
+            if quiet >= silence_s or now - started >= cap_s:
+                return
+
     def _wait_for(self, seq: int, silence_s: float, interrupt: Callable[[], bool]) -> None:
         with self._cond:
             while True:
@@ -501,7 +542,12 @@ class TcpChannel:
             if self._lost is None or not self._lost.orderly:
                 self._set_lost(f"the backup at {self.where} sent an invalid stream: {exc}")
         except OSError as exc:
-            if not self._closing:
+            if self._close_sent and exc.errno == errno.ECONNRESET:
+                # The backup dropped the connection after our CLOSE: it ended the session (it
+                # may have closed with our last bytes unread). Silence long enough for a takeover
+                # was ruled out before the CLOSE, so this ends the session as EOF does.
+                self._eof = True
+            elif not self._closing:
                 self._set_lost(f"the connection to the backup at {self.where} failed: {exc.strerror or exc}")
         finally:
             with self._cond:
@@ -510,6 +556,7 @@ class TcpChannel:
     def _on_event(self, event: object) -> None:
         if isinstance(event, Ack):
             with self._cond:
+                self._contact.acked_now()
                 if self._lost is None and event.seq > self._acked:  # none counts after a refusal
                     self._acked = event.seq
                 self._cond.notify_all()

@@ -267,3 +267,25 @@ def test_no_disk_turns_disk_replication_off() -> None:
     assert parse(["dom"]).disk_replication is True
     assert parse(["--no-disk", "dom"]).disk_replication is False
     assert parse(["--no-d", "dom"]).disk_replication is False
+
+
+# --------------------------------------------------------------------------- fencing options (issue 9)
+
+
+def test_fence_options() -> None:
+    settings = parse(["--fence", "fence_ipmilan -o off", "--fence-timeout=1500", "sim:x", "backup"])
+    assert settings.fence == "fence_ipmilan -o off" and settings.fence_timeout_ms == 1500
+    defaults = parse(["sim:x"])
+    assert defaults.fence is None and defaults.fence_timeout_ms == 30000
+    with pytest.raises(UsageError, match="--fence: the command is empty"):
+        parse(["--fence=", "sim:x"])
+    with pytest.raises(UsageError, match="--fence-timeout"):
+        parse(["--fence-timeout=0", "sim:x"])
+    with pytest.raises(UsageError, match="ambiguous option: --fen"):
+        parse(["--fen=x", "sim:x"])
+
+
+def test_new_options_are_listed_only_in_the_additional_block() -> None:
+    extra = HELP[len(OLD_HELP):]
+    for option in ("--fence=CMD", "--fence-timeout=MS", "--key-file=FILE"):
+        assert option in extra and option not in OLD_HELP

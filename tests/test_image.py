@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from remus.image import Image, PageStore, Staging
+from remus.backup.image import Image, PageStore, Staging
 from remus.stream.records import PAGE_SIZE
 
 XTAB = 0xF << 60

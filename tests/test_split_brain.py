@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from remus.settings import TAKEOVER_MARGIN_MS
-from tests.helpers import LinkProxy, free_loopback_port
+from tests.helpers import LinkProxy, free_loopback_port, write_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = int(os.environ.get("REMUS_SPLIT_BRAIN_RUNS", "1"))
@@ -72,6 +72,20 @@ def receiver_help() -> str:
 
 RECEIVER_HELP = receiver_help()
 RECEIVER_FENCES = "--fence" in RECEIVER_HELP
+RECEIVER_TAKES_KEYS = "--key-file" in RECEIVER_HELP
+
+#: The test's fence agent: SIGKILL the pid in file $1 (only that pid), then succeed once it is
+#: gone (or a zombie), as a real agent succeeds on a node that is already off.
+FENCE_SCRIPT = """pid=$(cat "$1") || exit 1
+kill -9 "$pid" 2>/dev/null
+for _ in $(seq 100); do
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)
+    if [ -z "$state" ] || [ "$state" = Z ]; then exit 0; fi
+    sleep 0.05
+done
+echo "pid $pid is still alive" >&2
+exit 1
+"""
 
 
 # --------------------------------------------------------------------------- one trial
@@ -138,20 +152,28 @@ class Trial:
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
         port = free_loopback_port()
+        key: list[str] = []
+        if RECEIVER_TAKES_KEYS:
+            key = ["--key-file", write_key_file(self.tmp)]
+        fence = self.tmp / "fence.sh"
+        fence.write_text(FENCE_SCRIPT)
         args = [sys.executable, str(ROOT / "bin" / "remus-receiver"), "--listen", "127.0.0.1", "--port",
                 str(port), "--heartbeat-timeout", str(TAKEOVER_MS), "--events-json", str(self.events_path),
-                "--once"]
+                "--once", *key]
+        if "--control" in RECEIVER_HELP:
+            args.append(f"--control={self.tmp / 'receiver.sock'}")
         if self.fencing and RECEIVER_FENCES:
-            args.append(f"--fence=kill -9 $(cat {self.tmp / 'primary.pid'})")
+            args.append(f"--fence=sh {fence} {self.tmp / 'primary.pid'}")
         self.receiver = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL,
                                          stderr=open(self.tmp / "receiver.err", "wb"))
         assert wait_for("receiver listening", lambda: self.event("listening") is not None), self.stderr("receiver")
         self.proxy = LinkProxy(port)
         spec = f"sim:sb,memory=2M,dirty_rate=2000,packet_rate=200,output={self.out}"
         args = [sys.executable, str(ROOT / "bin" / "remus"), "-i", "50", "--ack-timeout", str(GIVE_UP_MS),
-                spec, "127.0.0.1", "-p", str(self.proxy.port)]
+                spec, "127.0.0.1", "-p", str(self.proxy.port), *key]
         if self.fencing:
-            args.append(f"--fence=kill -9 {self.receiver.pid}")
+            (self.tmp / "receiver.pid").write_text(str(self.receiver.pid))
+            args.append(f"--fence=sh {fence} {self.tmp / 'receiver.pid'}")
         self.primary = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL,
                                         stderr=open(self.tmp / "primary.err", "wb"))
         (self.tmp / "primary.pid").write_text(str(self.primary.pid))
@@ -255,7 +277,9 @@ def check(trial: Trial) -> Outcome:
                         f"activated at counter {activated['counter']}")
     if backup_out and activated is None:
         problems.append("the backup released output without an activation event")
-    said = [line for line in trial.stderr("primary").splitlines() if not line.startswith("remus:   ")]
+    # What remus said about the domain (not its statistics summary).
+    said = [line for line in trial.stderr("primary").splitlines()
+            if line.startswith("remus: ") and not line.startswith(("remus:   ", "remus: sim:sb: "))]
     last = said[-1] if said else ""
     status = trial.primary.returncode if trial.primary is not None else None
     detail = "; ".join(problems + trial.notes) or f"{len(primary_out)} primary / {len(backup_out)} backup packets"

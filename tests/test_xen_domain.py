@@ -381,3 +381,26 @@ def test_a_block_remus_disk_becomes_the_first_device(tmp_path, monkeypatch: pyte
     thread.join(timeout=10)
     listener.close()
     target.image.close()
+
+
+def test_holding_still_pauses_the_guest_ends_its_suspend_and_close_resumes_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backup may be running the guest: it is paused (xl pause, which outlives the fast
+    # resume that ends the checkpoint's suspend), and close() never lets it run.
+    from remus.xen import xl
+
+    paused: list[str] = []
+    monkeypatch.setattr(xl, "pause", paused.append)
+    domain, guest = make_domain(FakeLibxc())
+    try:
+        domain.suspend()
+        domain.capture()
+        assert guest.is_suspended
+        assert domain.hold() == "paused"
+        assert paused == [str(guest.domid)]
+        assert not guest.is_suspended and not domain.suspended  # out of the suspend, under the pause
+        resumes = guest.log.count("resume")
+    finally:
+        domain.close()
+    assert guest.log.count("resume") == resumes  # close resumed nothing more
+    assert guest.closed == ["closed"] * 3

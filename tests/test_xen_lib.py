@@ -14,6 +14,7 @@ import pytest
 import remus.xen.lib as xenlib
 from remus.cli import main
 from remus.errors import XenError, XenUnavailable
+from tests.helpers import write_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,9 +107,10 @@ def test_remus_on_a_machine_without_xen(no_binding_loaded: None, monkeypatch: py
 
 
 @pytest.mark.skipif(Path(xenlib.PRIVCMD).exists(), reason="this host runs Xen")
-def test_the_command_itself_fails_clearly_without_xen() -> None:
+def test_the_command_itself_fails_clearly_without_xen(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "remus"), "somedomain"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "remus"), "--key-file", write_key_file(tmp_path),
+                           "somedomain"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1
     assert proc.stdout == ""
