@@ -225,7 +225,7 @@ def test_a_stop_while_opening_the_domain_protects_nothing(monkeypatch: pytest.Mo
 
     opened: list[SimulatedDomain] = []
 
-    def open_slowly(spec: str, *, for_backup: bool = True) -> SimulatedDomain:
+    def open_slowly(spec: str, *, for_backup: bool = True, disk_replication: bool = True) -> SimulatedDomain:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the domain is being opened
         opened.append(SimulatedDomain(parse_sim_spec(spec)))
         return opened[0]

@@ -112,3 +112,24 @@ def close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def close_gently(sock: socket.socket, linger_s: float = 1.0) -> None:
+    """Close after what we sent has a chance to be read: shut our side, then read (and drop)
+    what the peer still sends, up to ``linger_s``.  Closing with unread bytes in the socket
+    makes the kernel send a reset, which can destroy our last record (a refusal) in flight."""
+    import time
+
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + linger_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    close_quietly(sock)

@@ -56,7 +56,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from remus.backup.activation import XenRestorer, default_max_memory, open_standby
 from remus.backup.control import ControlSocket
-from remus.backup.listening import address_only, close_quietly, hosts_allow_matcher, listen_socket, peer_host
+from remus.backup.listening import (
+    address_only,
+    close_gently,
+    close_quietly,
+    hosts_allow_matcher,
+    listen_socket,
+    peer_host,
+)
 from remus.backup.peers import SEND_TIMEOUT_S, Heartbeats, Held, Live, Outcome, Pending, Running, SealedOut
 from remus.backup.session import (
     BackupSession,
@@ -346,7 +353,7 @@ class Receiver:
             out.link.send_final(sock)
         except OSError:
             pass
-        close_quietly(sock)
+        close_gently(sock)
 
     # -- the live session ------------------------------------------------------------------
     def _serve_live(self, live: Live, readable: bool) -> None:
@@ -489,7 +496,9 @@ class Receiver:
                 live.link.send_final(live.sock)
             except OSError:
                 pass
-        close_quietly(live.sock)
+            close_gently(live.sock)
+        else:
+            close_quietly(live.sock)
         if live.session.disks is not None:  # synced and closed; a held session hands them over as is
             live.session.disks.close()
         if self._live is live:
