@@ -3,7 +3,7 @@
 Show Remus at work on this machine, no Xen needed: start a remus-receiver and
 a remus primary on localhost protecting a simulated guest, show the live
 checkpoint statistics, kill the primary hard (SIGKILL), show the failover, and
-check Remus's promise.  Exits 0 only if every check passes.
+check Remus's promise.
 
 Options:
   -h, --help            show this help message and exit
@@ -14,6 +14,12 @@ Options:
   --dirty-rate=N        pages the guest dirties per second (default 4000)
   --keep=DIR            keep the run's files (output, statistics, events) in
                         DIR
+  --plot=OUT            draw the primary's checkpoints to OUT (.png or .svg;
+                        needs matplotlib)
+  --version             show the version and exit
+
+Exit status: 0 if every check passed (or the demo was stopped with Ctrl-C),
+1 if a check failed, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from docopt import docopt
-
+from remus.cli_common import Args, opt_float, opt_int, opt_size, run_command
+from remus.errors import RemusError, UsageError
 from remus.report import human_bytes
+
+PROG = "remus-demo"
 
 
 def _free_port() -> int:
@@ -131,11 +139,11 @@ class Demo:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if receiver.poll() is not None:
-                raise SystemExit("[demo] the receiver exited before listening")
+                raise RemusError("the receiver exited before listening (see its message above)")
             if any(e.get("event") == "listening" for e in _json_lines(self.events)):
                 return
             time.sleep(0.05)
-        raise SystemExit("[demo] the receiver did not start listening")
+        raise RemusError("the receiver did not start listening within 20 s")
 
     def _watch(self, primary: "subprocess.Popen[bytes]") -> int:
         """Show live statistics for ``seconds``; return the last checkpoint number seen."""
@@ -215,23 +223,37 @@ class Demo:
         return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``remus-demo`` command."""
-    args = docopt(__doc__ or "", list(sys.argv[1:] if argv is None else argv), True)
-    try:
-        seconds = float(args["--seconds"] or 5)
-        interval = int(args["--interval"] or 50)
-        dirty_rate = int(args["--dirty-rate"] or 4000)
-    except ValueError as exc:
-        print(f"remus-demo: error: {exc}", file=sys.stderr)
-        return 2
-    memory = args["--memory"] or "64M"
+def _body(args: Args) -> int:
+    seconds = opt_float(args, "--seconds", 5.0, 0.1, 86400.0)
+    interval = opt_int(args, "--interval", 50, 1, 3_600_000)
+    dirty_rate = opt_int(args, "--dirty-rate", 4000, 0, 10_000_000)
+    memory = opt_size(args, "--memory", "64M", 1 << 20, 16 << 30)
+    plot_out = args["--plot"]
+    if plot_out is not None and not str(plot_out).lower().endswith((".png", ".svg")):
+        raise UsageError(f"option --plot: {plot_out} must end in .png or .svg")
     if args["--keep"]:
         workdir = Path(args["--keep"])
         workdir.mkdir(parents=True, exist_ok=True)
-        return Demo(workdir, seconds, interval, memory, dirty_rate).run()
+        return _run(Demo(workdir, seconds, interval, memory, dirty_rate), plot_out)
     with tempfile.TemporaryDirectory(prefix="remus-demo-") as tmp:
-        return Demo(Path(tmp), seconds, interval, memory, dirty_rate).run()
+        return _run(Demo(Path(tmp), seconds, interval, memory, dirty_rate), plot_out)
+
+
+def _run(demo: Demo, plot_out: Optional[str]) -> int:
+    status = demo.run()
+    if plot_out is not None:
+        from remus.statsfile import read_checkpoints
+        from remus.statsplot import plot
+
+        with open(demo.stats, encoding="utf-8") as stream:
+            plot(read_checkpoints(stream, str(demo.stats)), plot_out, title="remus-demo: the primary")
+        demo.say(f"plot of the primary's checkpoints written to {plot_out}")
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``remus-demo`` command; returns the exit status."""
+    return run_command(PROG, __doc__ or "", _body, argv)
 
 
 if __name__ == "__main__":

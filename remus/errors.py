@@ -125,6 +125,13 @@ class XenError(RemusError):
         self.errno = errno
 
 
+class StatsFileError(RemusError):
+    """A statistics file (``--stats-json``) cannot be written, or read back as remus's JSON lines.
+
+    The message names the file (and the line) and what to do.  The front ends exit 1.
+    """
+
+
 class NetbufError(RemusError):
     """Network output buffering could not be set up, driven or torn down."""
 

@@ -49,9 +49,12 @@ def run(settings: Settings) -> int:
         with contextlib.closing(domain):
             name = domain.info.name
             label = f"{domain.info.kind}:{name}"
-            reporter = Reporter(label, sys.stderr, settings.stats_json)
             try:
-                channel = open_channel(settings)
+                # toolkit (issue 12): the reporter is made inside this try (an unwritable
+                # --stats-json is one line and exit 1), and it watches the channel (first
+                # checkpoint progress).
+                reporter = Reporter(label, sys.stderr, settings.stats_json)
+                channel = reporter.watch(open_channel(settings))
                 engine = Engine(
                     domain,
                     channel,
@@ -72,20 +75,26 @@ def run(settings: Settings) -> int:
                 _say(str(exc))
                 return 1
             status = 1
+            outcome = ""  # toolkit (issue 12): why the run ended, for the reporter's stop/lost event
             try:
                 engine.run()
                 status = 0
+                outcome = stop.reason or "requested"
             except BackupLost as exc:
+                outcome = str(exc)
                 _say(f"{exc}; domain {name} is no longer protected (it keeps running here)")
             except CheckpointError as exc:
+                outcome = str(exc)
                 _say(f"{exc}; domain {name} keeps running here, unprotected")
             except RemusError as exc:
+                outcome = str(exc)
                 _say(f"{exc}; domain {name} keeps running here, unprotected")
             except KeyboardInterrupt:
+                outcome = "interrupted"
                 _say(f"interrupted; domain {name} resumed and its output released")
                 status = 0
             finally:
-                reporter.finish(engine.statistics())
+                reporter.finish(engine.statistics(), outcome, lost=status != 0)
             if status == 0 and stop.reason == "SIGTERM":
                 print("*** signalled ***")
             return status

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.test_transport import ROOT
+from tests.helpers import ROOT
 
 
 def test_remus_demo_passes_its_checks() -> None:

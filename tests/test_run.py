@@ -16,39 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_transport import ROOT
+from tests.helpers import alive, child_pids, repo_env, wait_until
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+ENV = repo_env()
+GUEST = b"remus.sim.guest"
 
 
-def guest_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"remus.sim.guest" in cmdline:
-                pids.add(int(entry.name))
-    return pids
+def checkpoints_in(path: Path) -> int:
+    return path.read_text().count('"event": "checkpoint"') if path.exists() else 0
 
 
 def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_path: Path) -> None:
-    before = guest_pids()
     stats = tmp_path / "stats.json"
     pid, fd = pty.fork()
     if pid == 0:  # the child: remus on a terminal
         os.execvpe(sys.executable, [sys.executable, "-m", "remus.cli", "--blackhole", "-i", "50",
                                     "--stats-json", str(stats), "sim:demo"], ENV)
     output = b""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.1)[0]:
+    guests: set[int] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (guests and checkpoints_in(stats) >= 10 and b"#" in output):
+        guests |= child_pids(pid, GUEST)  # only the guest this remus started
+        if select.select([fd], [], [], 0.05)[0]:
             try:
                 output += os.read(fd, 65536)
             except OSError:
                 break
+    assert guests, "remus should have started one simulated guest"
     os.kill(pid, signal.SIGINT)
     while True:
         try:
@@ -63,24 +57,35 @@ def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_pa
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert re.search(r"\r\x1b\[Ksim:demo  #\d+  pause [\d.]+ ms  dirty \d+ pg", text), text
     assert re.search(r"remus: sim:demo: \d+ checkpoints in [\d.]+ s", text), text
+    assert "Traceback" not in text
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["checkpoints"] == len(lines) - 1 >= 10
-    assert guest_pids() <= before, "the simulated guest must not outlive remus"
+    wait_until(lambda: not any(alive(g) for g in guests), what="the simulated guest to exit with remus")
 
 
-def test_not_on_a_terminal_prints_only_the_summary_and_sigterm_exits_0(tmp_path: Path) -> None:
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} remus: "
+
+
+def test_not_on_a_terminal_writes_timestamped_events_and_sigterm_exits_0(tmp_path: Path) -> None:
     stats = tmp_path / "stats.json"
     proc = subprocess.Popen([sys.executable, "-m", "remus.cli", "--blackhole", "-i", "20", "--stats-json",
                              str(stats), "sim:quiet"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (not stats.exists() or stats.read_text().count("\n") < 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=20)
+    try:
+        wait_until(lambda: checkpoints_in(stats) >= 5, what="five checkpoints")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0
     assert stdout == "*** signalled ***\n"  # as the xm-era remus printed
-    assert stderr.startswith("remus: sim:quiet: ") and len(stderr.splitlines()) == 3, stderr
+    lines = stderr.splitlines()
+    assert re.fullmatch(STAMP + "start: protecting sim:quiet", lines[0]), stderr
+    assert re.fullmatch(STAMP + r"first checkpoint done: \d+ pages, .* sim:quiet is protected", lines[2]), stderr
+    assert re.fullmatch(STAMP + "stop: SIGTERM", lines[-4]), stderr
+    assert lines[-3].startswith("remus: sim:quiet: ") and len(lines) == 7, stderr
     assert "\r" not in stderr
 
 
