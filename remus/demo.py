@@ -24,6 +24,7 @@ Exit status: 0 if every check passed (or the demo was stopped with Ctrl-C),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,13 +35,39 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from remus.cli_common import Args, opt_float, opt_int, opt_size, run_command
+from remus.cli_common import Args, StopRequested, opt_float, opt_int, opt_size, run_command
 from remus.errors import RemusError, UsageError
 from remus.report import human_bytes
 
 PROG = "remus-demo"
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the block; one that came meanwhile is handled right after it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _end(proc: "Optional[subprocess.Popen[bytes]]", hard: bool) -> None:
+    """Make sure ``proc`` is gone: SIGKILL if ``hard``, else SIGINT and up to 10 s for it to finish."""
+    if proc is None or proc.poll() is not None:
+        return
+    if not hard:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def _free_port() -> int:
@@ -106,12 +133,17 @@ class Demo:
         primary_cmd = python + ["remus.cli", "-i", str(self.interval_ms), "--stats-json", str(self.stats),
                                 spec, "127.0.0.1", "-p", str(port)]
         self.say(f"backup:  {' '.join(receiver_cmd[2:])}")
-        receiver = subprocess.Popen(receiver_cmd)
+        receiver: Optional[subprocess.Popen[bytes]] = None
         primary: Optional[subprocess.Popen[bytes]] = None
+        interrupted = False
         try:
+            # Stop signals are held while a child starts: a stop then always finds its handle.
+            with _signals_held():
+                receiver = subprocess.Popen(receiver_cmd)
             self._wait_listening(port, receiver)
             self.say(f"primary: {' '.join(primary_cmd[2:])}")
-            primary = subprocess.Popen(primary_cmd)
+            with _signals_held():
+                primary = subprocess.Popen(primary_cmd)
             last = self._watch(primary)
             if primary.poll() is not None:
                 self.say(f"the primary exited early (status {primary.returncode})")
@@ -122,17 +154,14 @@ class Demo:
             activation = self._wait_activation(receiver)
             if activation is not None:
                 time.sleep(1.5)  # let the activated guest carry on for a moment
+        except (KeyboardInterrupt, StopRequested):
+            self.say("stopping: the primary and the backup go too")
+            interrupted = True
+            raise
         finally:
-            if primary is not None and primary.poll() is None:
-                primary.kill()
-                primary.wait()
-            if receiver.poll() is None:
-                receiver.send_signal(signal.SIGINT)
-                try:
-                    receiver.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    receiver.kill()
-                    receiver.wait()
+            with _signals_held():  # a second Ctrl-C waits until both are gone, then counts
+                _end(primary, hard=True)
+                _end(receiver, hard=interrupted)
         return self._verdict(activation)
 
     def _wait_listening(self, port: int, receiver: "subprocess.Popen[bytes]") -> None:
