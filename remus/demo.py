@@ -120,17 +120,28 @@ class Demo:
         self.events = workdir / "receiver-events.json"
         self.tty = sys.stdout.isatty()
 
+    def _throwaway_key(self) -> str:
+        """A key for this demonstration only, in its own work directory (remus-keygen's job on real hosts)."""
+        from remus.link.keys import write_key_file
+
+        path = str(self.workdir / "authkey")
+        write_key_file(path, force=True)
+        return path
+
     def say(self, line: str) -> None:
         print(f"[demo] {line}", flush=True)
 
     def run(self) -> int:
         port = _free_port()
         python = [sys.executable, "-m"]
-        receiver_cmd = python + ["remus.receiver_cli", "--port", str(port), "--listen", "127.0.0.1",
-                                 "--once", "--heartbeat-timeout", "1000", "--events-json", str(self.events)]
+        key_file = self._throwaway_key()
+        receiver_cmd = python + ["remus.backup.cli", "--port", str(port), "--listen", "127.0.0.1",
+                                 "--key-file", key_file, "--control", str(self.workdir / "receiver.sock"),
+                                 "--once", "--events-json", str(self.events)]
         spec = (f"sim:demo,memory={self.memory},dirty_rate={self.dirty_rate},seed=1,"
                 f"packet_rate=50,output={self.output}")
-        primary_cmd = python + ["remus.cli", "-i", str(self.interval_ms), "--stats-json", str(self.stats),
+        primary_cmd = python + ["remus.cli", "-i", str(self.interval_ms), "--ack-timeout", "1000",
+                                "--key-file", key_file, "--stats-json", str(self.stats),
                                 spec, "127.0.0.1", "-p", str(port)]
         self.say(f"backup:  {' '.join(receiver_cmd[2:])}")
         receiver: Optional[subprocess.Popen[bytes]] = None

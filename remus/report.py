@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Optional, TextIO
 
-from remus.channel import Channel
+from remus.channel import CLOSE_TIMEOUT_S, Channel, Silence
 from remus.errors import StatsFileError
 from remus.stats import CheckpointStats, Summary
 from remus.stream.records import PAGE_SIZE
@@ -249,8 +249,11 @@ class ProgressChannel:
     def wait_for_ack(self, seq: int) -> None:
         self.inner.wait_for_ack(seq)
 
-    def close(self, message: str) -> None:
-        self.inner.close(message)
+    def close(self, message: str, *, error: bool = False, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        return self.inner.close(message, error=error, timeout_s=timeout_s)
+
+    def out_of_contact(self) -> Optional[Silence]:
+        return self.inner.out_of_contact()
 
     def abort(self) -> None:
         self.inner.abort()

@@ -116,4 +116,4 @@ def test_the_progress_channel_sends_the_same_bytes(tmp_path: Path) -> None:
     assert seen == [(0, 40), (4, 40), (16, 40), (40, 40)]  # the second checkpoint is not reported
     assert inner.bytes_written == 3 + 1000 + 1
     assert channel.bytes_written == inner.bytes_written  # everything else passes through
-    channel.close("done")
+    assert channel.close("done") is True and channel.out_of_contact() is None

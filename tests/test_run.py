@@ -16,14 +16,35 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import alive, child_pids, repo_env, wait_until
+from tests.helpers import wait_until
+from tests.test_transport import ROOT
 
-ENV = repo_env()
-GUEST = b"remus.sim.guest"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
-def checkpoints_in(path: Path) -> int:
-    return path.read_text().count('"event": "checkpoint"') if path.exists() else 0
+def guest_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"remus.sim.guest" in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
+def children_of(pid: int) -> set[int]:
+    """The simulated guests ``pid`` started (and that still run)."""
+    found = set()
+    for guest in guest_pids():
+        try:
+            if f"PPid:\t{pid}\n" in Path(f"/proc/{guest}/status").read_text():
+                found.add(guest)
+        except OSError:
+            continue
+    return found
 
 
 def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_path: Path) -> None:
@@ -33,16 +54,15 @@ def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_pa
         os.execvpe(sys.executable, [sys.executable, "-m", "remus.cli", "--blackhole", "-i", "50",
                                     "--stats-json", str(stats), "sim:demo"], ENV)
     output = b""
-    guests: set[int] = set()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (guests and checkpoints_in(stats) >= 10 and b"#" in output):
-        guests |= child_pids(pid, GUEST)  # only the guest this remus started
-        if select.select([fd], [], [], 0.05)[0]:
+    ours: set[int] = set()
+    while time.monotonic() < deadline and (not stats.exists() or stats.read_text().count("\n") < 12):
+        ours |= children_of(pid)
+        if select.select([fd], [], [], 0.1)[0]:
             try:
                 output += os.read(fd, 65536)
             except OSError:
                 break
-    assert guests, "remus should have started one simulated guest"
     os.kill(pid, signal.SIGINT)
     while True:
         try:
@@ -57,10 +77,10 @@ def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_pa
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert re.search(r"\r\x1b\[Ksim:demo  #\d+  pause [\d.]+ ms  dirty \d+ pg", text), text
     assert re.search(r"remus: sim:demo: \d+ checkpoints in [\d.]+ s", text), text
-    assert "Traceback" not in text
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["checkpoints"] == len(lines) - 1 >= 10
-    wait_until(lambda: not any(alive(g) for g in guests), what="the simulated guest to exit with remus")
+    assert ours, "the simulated guest was never seen"
+    assert not ours & guest_pids(), "the simulated guest must not outlive remus"
 
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} remus: "
@@ -72,7 +92,7 @@ def test_not_on_a_terminal_writes_timestamped_events_and_sigterm_exits_0(tmp_pat
                              str(stats), "sim:quiet"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: checkpoints_in(stats) >= 5, what="five checkpoints")
+        wait_until(lambda: stats.exists() and stats.read_text().count("\n") >= 5, what="five checkpoints")
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=20)
     finally:
@@ -81,11 +101,15 @@ def test_not_on_a_terminal_writes_timestamped_events_and_sigterm_exits_0(tmp_pat
             proc.wait()
     assert proc.returncode == 0
     assert stdout == "*** signalled ***\n"  # as the xm-era remus printed
+    # Off a terminal (systemd, nohup, a log file): one timestamped line per event, then the summary.
     lines = stderr.splitlines()
     assert re.fullmatch(STAMP + "start: protecting sim:quiet", lines[0]), stderr
+    assert re.fullmatch(STAMP + r"first checkpoint: sending \d+ pages \(.*\)", lines[1]), stderr
     assert re.fullmatch(STAMP + r"first checkpoint done: \d+ pages, .* sim:quiet is protected", lines[2]), stderr
-    assert re.fullmatch(STAMP + "stop: SIGTERM", lines[-4]), stderr
-    assert lines[-3].startswith("remus: sim:quiet: ") and len(lines) == 7, stderr
+    assert re.fullmatch(STAMP + "stop: SIGTERM", lines[3]), stderr
+    assert lines[4].startswith("remus: sim:quiet: ") and len(lines) == 8, stderr
+    # The last line says what became of the domain: a simulated guest never outlives remus.
+    assert lines[-1] == "remus: stopped (SIGTERM); the simulated guest quiet ends with remus, its output released"
     assert "\r" not in stderr
 
 
@@ -115,3 +139,107 @@ def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: py
     assert run(parse(["--blackhole", "guest"])) == 1
     assert run(parse(["guest", "backuphost"])) == 1
     assert asked == [False, True]
+
+
+# --------------------------------------------------------------------------- stops during startup (issue 9)
+
+
+def start_receiver(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    from tests.helpers import free_loopback_port
+
+    port = free_loopback_port()
+    events = tmp_path / "events"
+    receiver = subprocess.Popen([sys.executable, str(ROOT / "bin" / "remus-receiver"), "--listen", "127.0.0.1",
+                                 "--port", str(port), "--events-json", str(events), "--once"],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while "listening" not in (events.read_text() if events.exists() else ""):
+        assert time.monotonic() < deadline and receiver.poll() is None
+        time.sleep(0.02)
+    return receiver, port, events
+
+
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"]], ids=["one", "two", "term"])
+def test_a_stop_during_the_first_checkpoint_is_an_orderly_close(tmp_path: Path, signals: list[str]) -> None:
+    receiver, port, events = start_receiver(tmp_path)
+    out = tmp_path / "out"
+    try:
+        # A first checkpoint of 48 MiB, uncompressed: the stop lands while it is on its way.
+        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--no-compression",
+                                    f"sim:big,memory=48M,packet_rate=200,output={out}", "127.0.0.1", "-p",
+                                    str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while '"session"' not in events.read_text():
+            assert time.monotonic() < deadline and primary.poll() is None
+            time.sleep(0.01)
+        for name in signals:
+            primary.send_signal(getattr(signal, name))
+            time.sleep(0.05)  # two separate keypresses
+        _stdout, stderr = primary.communicate(timeout=60)
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        for proc in (receiver,):
+            if proc.poll() is None:
+                proc.kill()
+    assert primary.returncode == 0, stderr
+    kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert "closed" in kinds and "activated" not in kinds, kinds
+    assert stderr.splitlines()[-1].startswith(f"remus: stopped ({signals[0]}); the backup confirmed the end "
+                                              "of the session; the simulated guest big ends with remus")
+
+
+def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for s in fillers:  # a full accept queue: further SYNs are dropped, connect() hangs
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    try:
+        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "sim:c,memory=2M", "127.0.0.1", "-p",
+                                    str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        guest_started = time.monotonic() + 30
+        while not any(pid for pid in guest_pids() if Path(f"/proc/{pid}/status").exists()
+                      and f"PPid:\t{primary.pid}" in Path(f"/proc/{pid}/status").read_text()):
+            assert time.monotonic() < guest_started and primary.poll() is None
+            time.sleep(0.02)
+        primary.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _stdout, stderr = primary.communicate(timeout=30)
+        assert time.monotonic() - started < 5  # not the 10 s connect timeout
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+    assert primary.returncode == 0, stderr
+    assert stderr.splitlines()[-1] == ("remus: stopped (SIGINT); no session with the backup had begun; "
+                                       "the simulated guest c ends with remus, its output released"), stderr
+
+
+def test_a_stop_while_opening_the_domain_protects_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import remus.run
+    from remus.cli import parse
+    from remus.sim.domain import SimulatedDomain
+    from remus.sim.spec import parse_sim_spec
+
+    opened: list[SimulatedDomain] = []
+
+    def open_slowly(spec: str, *, for_backup: bool = True) -> SimulatedDomain:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the domain is being opened
+        opened.append(SimulatedDomain(parse_sim_spec(spec)))
+        return opened[0]
+
+    monkeypatch.setattr(remus.run, "open_domain", open_slowly)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert remus.run.run(parse(["sim:o,memory=2M", "127.0.0.1", "-p", "1"])) == 0
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert capsys.readouterr().err == ("remus: stopped (SIGINT) before protection began; "
+                                       "the simulated guest o ends with remus\n")
+    assert opened[0].pid is None  # closed: the guest is gone
