@@ -188,6 +188,7 @@ def test_bad_input_is_one_line_and_the_right_status(case: Case) -> None:
         assert re.fullmatch(case.stdout, "".join(run.out)), "".join(run.out)
 
 
+@pytest.mark.slow
 def test_a_stats_plot_to_an_unwritable_path_is_one_line(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the [plot] extra (matplotlib) is not installed")
     stats = tmp_path / "s.jsonl"
@@ -236,23 +237,24 @@ LISTENING = "err:listening on"
 RECEIVER = ["--listen", "127.0.0.1", "--port", "{port}", "--key-file", "{key}", "--control", "{dir}/receiver.sock"]
 
 SIGNAL_CASES = [
+    # the quick run keeps one case per command and kind of moment; the rest are marked slow
     SignalCase("remus", BLACKHOLE, [(FIRST_CHECKPOINT, "INT")]),
-    SignalCase("remus", BLACKHOLE, [(FIRST_CHECKPOINT, "TERM")]),
-    SignalCase("remus", BLACKHOLE, [(FIRST_CHECKPOINT, "INT"), ("now", "INT")]),
-    SignalCase("remus", BLACKHOLE, [(PROTECTED, "INT")]),
+    SignalCase("remus", BLACKHOLE, [(FIRST_CHECKPOINT, "TERM")], slow=True),
+    SignalCase("remus", BLACKHOLE, [(FIRST_CHECKPOINT, "INT"), ("now", "INT")], slow=True),
+    SignalCase("remus", BLACKHOLE, [(PROTECTED, "INT")], slow=True),
     SignalCase("remus", BLACKHOLE, [(PROTECTED, "TERM")]),
     SignalCase("remus", BLACKHOLE, [(PROTECTED, "INT"), (STOPPING, "INT")]),
-    SignalCase("remus", BLACKHOLE, [(PROTECTED, "TERM"), (STOPPING, "TERM")]),
-    SignalCase("python -m remus", BLACKHOLE, [(PROTECTED, "INT")]),
+    SignalCase("remus", BLACKHOLE, [(PROTECTED, "TERM"), (STOPPING, "TERM")], slow=True),
+    SignalCase("python -m remus", BLACKHOLE, [(PROTECTED, "INT")], slow=True),
     # while a big guest's memory is being made (before any checkpoint): the process grows
     SignalCase("remus", ["--blackhole", "sim:t,memory=256M"],
-               [("rss:64", "INT"), ("rss:300|err:remus: start:", "INT")]),
+               [("rss:64", "INT"), ("rss:300|err:remus: start:", "INT")], slow=True),
     # a guest of 512M, stopped once protected
     SignalCase("remus", ["--blackhole", "sim:t,memory=512M,dirty_rate=100"], [(PROTECTED, "INT")],
                xfail=SIM_SIZES, slow=True),
     SignalCase("remus-receiver", RECEIVER, [(LISTENING, "INT")]),
-    SignalCase("remus-receiver", RECEIVER, [(LISTENING, "TERM")]),
-    SignalCase("remus-receiver", RECEIVER, [(LISTENING, "INT"), ("now", "INT")]),
+    SignalCase("remus-receiver", RECEIVER, [(LISTENING, "TERM")], slow=True),
+    SignalCase("remus-receiver", RECEIVER, [(LISTENING, "INT"), ("now", "INT")], slow=True),
     SignalCase("remus-demo", ["--memory=8M"], [(r"out:\[demo\] primary:", "INT")], slow=True),
     SignalCase("remus-demo", ["--memory=8M"], [(r"out:\[demo\] checkpoint", "TERM")], slow=True),
     SignalCase("remus-demo", ["--memory=8M"],

@@ -101,7 +101,7 @@ def test_without_matplotlib_the_plot_says_how_to_get_it(tmp_path: Path, monkeypa
     assert not (tmp_path / "p.png").exists()
 
 
-@pytest.mark.parametrize("suffix", [".png", ".svg"])
+@pytest.mark.parametrize("suffix", [pytest.param(".png", marks=pytest.mark.slow), ".svg"])
 def test_the_plot_is_a_valid_image(tmp_path: Path, suffix: str) -> None:
     pytest.importorskip("matplotlib", reason="the [plot] extra (matplotlib) is not installed")
     path = write(tmp_path / "s.jsonl", [checkpoint(s, dirty_pages=s % 7) for s in range(1, 50)])
