@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from remus.backup.control import request
-from remus.backup.server import hosts_allow_matcher
+from remus.backup.listening import hosts_allow_matcher
 from remus.errors import TransportError
 from remus.stream.codec import encode_record
 from remus.stream.records import RemusRecType, StreamHeader

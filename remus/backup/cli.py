@@ -91,7 +91,7 @@ def _docopt(argv: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"{PROG} {__version__}")
     try:
         return dict(docopt(HELP, list(argv), False))
-    except SystemExit as exc:
+    except SystemExit:
         raise UsageError(_why(argv)) from None
 
 
