@@ -35,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Iterator, Optional, Sequence
 
 from remus.cli_common import Args, StopRequested, opt_float, opt_int, opt_size, run_command
@@ -46,13 +47,24 @@ PROG = "remus-demo"
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the block; one that came meanwhile is handled right after it."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Defer SIGINT/SIGTERM for the block; one that came meanwhile is delivered right after it.
+
+    Handlers, not the signal mask: a child started inside the block must not inherit blocked
+    signals (exec keeps the mask, but resets handled signals to their defaults).
+    """
+    caught: list[int] = []
+
+    def defer(signum: int, frame: Optional[FrameType]) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _end(proc: "Optional[subprocess.Popen[bytes]]", hard: bool) -> None:

@@ -11,6 +11,7 @@ issue named in the reason, so that they show up as XPASS (a failure) once fixed:
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -57,8 +58,10 @@ class Run:
     """A command started with its output read by two threads, so that a test can wait on a line."""
 
     def __init__(self, command: str, args: Sequence[str], stdin: Optional[int] = subprocess.DEVNULL) -> None:
+        # A session of its own: a Ctrl-C from "the terminal" (killpg) reaches this command's
+        # processes and never the test's.
         self.proc = subprocess.Popen([*argv_of(command), *args], env=repo_env(), stdin=stdin, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.out: list[str] = []
         self.err: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
@@ -214,7 +217,8 @@ def free_port() -> int:
 class SignalCase:
     """Send each signal of ``steps`` once its moment has come.
 
-    A moment is ``err:REGEX`` or ``out:REGEX`` (a line on stderr or stdout), ``rss:MIB`` (the
+    A signal is ``INT`` or ``TERM`` (to the command) or ``PG-INT`` (to its process group, as a
+    terminal's Ctrl-C).  A moment is ``err:REGEX`` or ``out:REGEX`` (a line on stderr or stdout), ``rss:MIB`` (the
     process has grown to MIB MiB), ``now``, or several of those joined by ``|`` (whichever comes
     first).  A second signal is sent at a later moment than the first, so that the first has been
     handled (two signals sent at once reach Python as one).
@@ -259,6 +263,9 @@ SIGNAL_CASES = [
     SignalCase("remus-demo", ["--memory=8M"], [(r"out:\[demo\] checkpoint", "TERM")], slow=True),
     SignalCase("remus-demo", ["--memory=8M"],
                [(r"out:\[demo\] checkpoint", "INT"), (r"out:\[demo\] stopping", "INT")]),
+    # Ctrl-C on a terminal: SIGINT to the whole process group (the command and its children)
+    SignalCase("remus", BLACKHOLE, [(PROTECTED, "PG-INT")]),
+    SignalCase("remus-demo", ["--memory=8M"], [(r"out:\[demo\] checkpoint", "PG-INT")]),
 ]
 
 
@@ -301,7 +308,10 @@ def test_signals_at_any_moment_are_a_clean_stop(case: SignalCase, tmp_path: Path
             wait_until(lambda: moment_came(run, moment) or run.proc.poll() is not None, 120, moment, poll_s=0.002)
             if run.proc.poll() is not None:
                 break
-            run.proc.send_signal(getattr(signal, f"SIG{name}"))
+            if name.startswith("PG-"):
+                os.killpg(run.proc.pid, getattr(signal, f"SIG{name[3:]}"))
+            else:
+                run.proc.send_signal(getattr(signal, f"SIG{name}"))
         status = run.finish()
     finally:
         run.kill()
