@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import wait_until, write_key_file
 from tests.test_transport import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -121,7 +121,8 @@ def test_unknown_xen_domain_on_a_machine_without_xen_is_one_clear_line() -> None
     assert len(done.stderr.splitlines()) == 1 and "somedomain" in done.stderr, done.stderr
 
 
-def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
     # With --blackhole no backup will restore the domain: a Xen domain's libxl configuration
     # (xl list -l) is not read, so neither xl nor that configuration is needed.
     import remus.xen
@@ -137,7 +138,7 @@ def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: py
 
     monkeypatch.setattr(remus.xen, "open_xen_domain", fake_open)
     assert run(parse(["--blackhole", "guest"])) == 1
-    assert run(parse(["guest", "backuphost"])) == 1
+    assert run(parse(["--key-file", write_key_file(tmp_path), "guest", "backuphost"])) == 1
     assert asked == [False, True]
 
 
@@ -150,7 +151,8 @@ def start_receiver(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_loopback_port()
     events = tmp_path / "events"
     receiver = subprocess.Popen([sys.executable, str(ROOT / "bin" / "remus-receiver"), "--listen", "127.0.0.1",
-                                 "--port", str(port), "--events-json", str(events), "--once"],
+                                 "--port", str(port), "--events-json", str(events), "--once",
+                                 "--key-file", write_key_file(tmp_path), "--control", str(tmp_path / "ctl")],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while "listening" not in (events.read_text() if events.exists() else ""):
@@ -166,7 +168,7 @@ def test_a_stop_during_the_first_checkpoint_is_an_orderly_close(tmp_path: Path, 
     try:
         # A first checkpoint of 48 MiB, uncompressed: the stop lands while it is on its way.
         primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--no-compression",
-                                    f"sim:big,memory=48M,packet_rate=200,output={out}", "127.0.0.1", "-p",
+                                    "--key-file", write_key_file(tmp_path), f"sim:big,memory=48M,packet_rate=200,output={out}", "127.0.0.1", "-p",
                                     str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while '"session"' not in events.read_text():
@@ -200,7 +202,8 @@ def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
         s.setblocking(False)
         s.connect_ex(("127.0.0.1", port))
     try:
-        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "sim:c,memory=2M", "127.0.0.1", "-p",
+        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--key-file", write_key_file(tmp_path),
+                                    "sim:c,memory=2M", "127.0.0.1", "-p",
                                     str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         guest_started = time.monotonic() + 30
         while not any(pid for pid in guest_pids() if Path(f"/proc/{pid}/status").exists()
@@ -220,7 +223,7 @@ def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
 
 
 def test_a_stop_while_opening_the_domain_protects_nothing(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import remus.run
     from remus.cli import parse
     from remus.sim.domain import SimulatedDomain
@@ -236,7 +239,8 @@ def test_a_stop_while_opening_the_domain_protects_nothing(monkeypatch: pytest.Mo
     monkeypatch.setattr(remus.run, "open_domain", open_slowly)
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert remus.run.run(parse(["sim:o,memory=2M", "127.0.0.1", "-p", "1"])) == 0
+        key_file = write_key_file(tmp_path)
+        assert remus.run.run(parse(["--key-file", key_file, "sim:o,memory=2M", "127.0.0.1", "-p", "1"])) == 0
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
