@@ -11,6 +11,12 @@ locality       share of writes that hit the hot 1/16 of memory  0.9
 seed           seed of the guest's pseudo-random generator      1
 output         file each released packet is appended to         (none)
 packet_rate    packets the guest emits per second               20
+pattern        what a write does and what memory holds at boot  random
+               (``random``: 64 random bytes per write, the
+               first half of memory random and the rest zero;
+               ``words``: a few 32/64-bit counters and pointers
+               per write, memory at boot a mix of small
+               integers, pointers and zero bytes, no zero half)
 =============  ==============================================  ==========
 
 This module only parses; it never starts a guest.
@@ -33,6 +39,7 @@ MIN_MEMORY = 1 << 20
 MAX_MEMORY = 16 << 30
 MAX_DIRTY_RATE = 1_000_000
 MAX_PACKET_RATE = 100_000
+PATTERNS = ("random", "words")
 
 
 @dataclass(frozen=True)
@@ -46,14 +53,22 @@ class SimSpec:
     seed: int = 1
     output: Optional[str] = None
     packet_rate: int = 20
+    pattern: str = "random"
 
     @property
     def pages(self) -> int:
         return self.memory // PAGE_SIZE
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form, as carried in the replication session header."""
-        return asdict(self)
+        """JSON-able form, as carried in the replication session header.
+
+        ``pattern`` is left out when it is the default, so a receiver that
+        predates it still takes such a guest.
+        """
+        data = asdict(self)
+        if data["pattern"] == "random":
+            del data["pattern"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SimSpec":
@@ -102,12 +117,16 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "seed": _parse_int,
     "output": str,
     "packet_rate": _parse_int,
+    "pattern": str,
 }
 
 
-def _validate(spec: SimSpec) -> None:
+def _validate(spec: SimSpec, typed: Optional[Mapping[str, str]] = None) -> None:
+    """Raises UsageError naming the first bad field, as the user typed it when ``typed`` has it."""
+
     def bad(key: str, why: str) -> UsageError:
-        return UsageError(f"sim:{spec.name}: {key}={getattr(spec, key)!r}: {why}")
+        shown = typed[key] if typed and key in typed else repr(getattr(spec, key))
+        return UsageError(f"sim:{spec.name}: {key}={shown}: {why}")
 
     if not isinstance(spec.name, str) or not _NAME_RE.match(spec.name):
         raise UsageError(
@@ -127,6 +146,8 @@ def _validate(spec: SimSpec) -> None:
         raise bad("output", "must be a file path")
     if not isinstance(spec.packet_rate, int) or not 0 <= spec.packet_rate <= MAX_PACKET_RATE:
         raise bad("packet_rate", f"must be between 0 and {MAX_PACKET_RATE} per second")
+    if spec.pattern not in PATTERNS:
+        raise bad("pattern", f"must be one of {', '.join(PATTERNS)}")
 
 
 def parse_sim_spec(text: str) -> SimSpec:
@@ -139,6 +160,7 @@ def parse_sim_spec(text: str) -> SimSpec:
         raise UsageError(f"{text!r} is not a simulated domain (sim:NAME[,key=value...])")
     name, *pairs = text[4:].split(",")
     values: dict[str, Any] = {}
+    typed: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
@@ -150,10 +172,11 @@ def parse_sim_spec(text: str) -> SimSpec:
             )
         if key in values:
             raise UsageError(f"sim:{name}: {key} given twice")
+        typed[key] = value.strip()
         try:
             values[key] = _PARSERS[key](value)
         except ValueError as exc:
             raise UsageError(f"sim:{name}: {key}={value!r}: {exc}") from None
     spec = SimSpec(name=name, **values)
-    _validate(spec)
+    _validate(spec, typed)
     return spec
