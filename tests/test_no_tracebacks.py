@@ -39,7 +39,6 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 RECEIVER_EVENTS = "issue 12 receiver side (lead): an unwritable --events-json is a traceback"
-SIM_SIZES = "issue 13 (remus/sim): guests of 512M and more, sizes reported as typed"
 SIM_OUTPUT = "issue 13 (remus/sim): an unwritable sim output= path is a traceback"
 
 
@@ -163,7 +162,7 @@ BAD_INPUTS = front_end_cases() + [
     Case("remus-demo", ["--keep=/proc/x/y"], 1, r"remus-demo: No such file or directory: /proc/x(/y)?\n"),
     Case("remus-stats", ["/proc/x/y"], 1, r"remus-stats: No such file or directory: /proc/x/y\n"),
     # oversized guests: the size as typed, exit 2
-    Case("remus", ["--blackhole", "sim:x,memory=100G"], 2, r"remus: error: .*memory=100G.*16G.*\n", xfail=SIM_SIZES),
+    Case("remus", ["--blackhole", "sim:x,memory=100G"], 2, r"remus: error: .*memory=100G.*16G.*\n"),
 ]
 
 
@@ -254,8 +253,7 @@ SIGNAL_CASES = [
     SignalCase("remus", ["--blackhole", "sim:t,memory=256M"],
                [("rss:64", "INT"), ("rss:300|err:remus: start:", "INT")], slow=True),
     # a guest of 512M, stopped once protected
-    SignalCase("remus", ["--blackhole", "sim:t,memory=512M,dirty_rate=100"], [(PROTECTED, "INT")],
-               xfail=SIM_SIZES, slow=True),
+    SignalCase("remus", ["--blackhole", "sim:t,memory=512M,dirty_rate=100"], [(PROTECTED, "INT")], slow=True),
     SignalCase("remus-receiver", RECEIVER, [(LISTENING, "INT")]),
     SignalCase("remus-receiver", RECEIVER, [(LISTENING, "TERM")], slow=True),
     SignalCase("remus-receiver", RECEIVER, [(LISTENING, "INT"), ("now", "INT")], slow=True),
