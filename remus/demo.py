@@ -3,21 +3,28 @@
 Show Remus at work on this machine, no Xen needed: start a remus-receiver and
 a remus primary on localhost protecting a simulated guest, show the live
 checkpoint statistics, kill the primary hard (SIGKILL), show the failover, and
-check Remus's promise.  Exits 0 only if every check passes.
+check Remus's promise.
 
 Options:
   -h, --help            show this help message and exit
-  --seconds=S           let the primary run S seconds before killing it
-                        (default 5)
+  --seconds=S           let the primary run S seconds after its first
+                        checkpoint before killing it (default 5)
   -i MS, --interval=MS  checkpoint interval (default 50)
   --memory=SIZE         simulated guest memory (default 64M)
   --dirty-rate=N        pages the guest dirties per second (default 4000)
   --keep=DIR            keep the run's files (output, statistics, events) in
                         DIR
+  --plot=OUT            draw the primary's checkpoints to OUT (.png or .svg;
+                        needs matplotlib)
+  --version             show the version and exit
+
+Exit status: 0 if every check passed (or the demo was stopped with Ctrl-C),
+1 if a check failed, 2 on a usage error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,11 +35,51 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from types import FrameType
+from typing import Any, Iterator, Optional, Sequence
 
-from docopt import docopt
-
+from remus.cli_common import Args, StopRequested, opt_float, opt_int, opt_size, run_command
+from remus.errors import RemusError, UsageError
 from remus.report import human_bytes
+
+PROG = "remus-demo"
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM for the block; one that came meanwhile is delivered right after it.
+
+    Handlers, not the signal mask: a child started inside the block must not inherit blocked
+    signals (exec keeps the mask, but resets handled signals to their defaults).
+    """
+    caught: list[int] = []
+
+    def defer(signum: int, frame: Optional[FrameType]) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _end(proc: "Optional[subprocess.Popen[bytes]]", hard: bool) -> None:
+    """Make sure ``proc`` is gone: SIGKILL if ``hard``, else SIGINT and up to 10 s for it to finish."""
+    if proc is None or proc.poll() is not None:
+        return
+    if not hard:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def _free_port() -> int:
@@ -109,12 +156,17 @@ class Demo:
                                 "--key-file", key_file, "--stats-json", str(self.stats),
                                 spec, "127.0.0.1", "-p", str(port)]
         self.say(f"backup:  {' '.join(receiver_cmd[2:])}")
-        receiver = subprocess.Popen(receiver_cmd)
+        receiver: Optional[subprocess.Popen[bytes]] = None
         primary: Optional[subprocess.Popen[bytes]] = None
+        interrupted = False
         try:
+            # Stop signals are held while a child starts: a stop then always finds its handle.
+            with _signals_held():
+                receiver = subprocess.Popen(receiver_cmd)
             self._wait_listening(port, receiver)
             self.say(f"primary: {' '.join(primary_cmd[2:])}")
-            primary = subprocess.Popen(primary_cmd)
+            with _signals_held():
+                primary = subprocess.Popen(primary_cmd)
             last = self._watch(primary)
             if primary.poll() is not None:
                 self.say(f"the primary exited early (status {primary.returncode})")
@@ -125,28 +177,25 @@ class Demo:
             activation = self._wait_activation(receiver)
             if activation is not None:
                 time.sleep(1.5)  # let the activated guest carry on for a moment
+        except (KeyboardInterrupt, StopRequested):
+            self.say("stopping: the primary and the backup go too")
+            interrupted = True
+            raise
         finally:
-            if primary is not None and primary.poll() is None:
-                primary.kill()
-                primary.wait()
-            if receiver.poll() is None:
-                receiver.send_signal(signal.SIGINT)
-                try:
-                    receiver.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    receiver.kill()
-                    receiver.wait()
+            with _signals_held():  # a second Ctrl-C waits until both are gone, then counts
+                _end(primary, hard=True)
+                _end(receiver, hard=interrupted)
         return self._verdict(activation)
 
     def _wait_listening(self, port: int, receiver: "subprocess.Popen[bytes]") -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if receiver.poll() is not None:
-                raise SystemExit("[demo] the receiver exited before listening")
+                raise RemusError("the receiver exited before listening (see its message above)")
             if any(e.get("event") == "listening" for e in _json_lines(self.events)):
                 return
             time.sleep(0.05)
-        raise SystemExit("[demo] the receiver did not start listening")
+        raise RemusError("the receiver did not start listening within 20 s")
 
     def _watch(self, primary: "subprocess.Popen[bytes]") -> int:
         """Show live statistics for ``seconds``; return the last checkpoint number seen."""
@@ -232,23 +281,37 @@ class Demo:
         return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``remus-demo`` command."""
-    args = docopt(__doc__ or "", list(sys.argv[1:] if argv is None else argv), True)
-    try:
-        seconds = float(args["--seconds"] or 5)
-        interval = int(args["--interval"] or 50)
-        dirty_rate = int(args["--dirty-rate"] or 4000)
-    except ValueError as exc:
-        print(f"remus-demo: error: {exc}", file=sys.stderr)
-        return 2
-    memory = args["--memory"] or "64M"
+def _body(args: Args) -> int:
+    seconds = opt_float(args, "--seconds", 5.0, 0.1, 86400.0)
+    interval = opt_int(args, "--interval", 50, 1, 3_600_000)
+    dirty_rate = opt_int(args, "--dirty-rate", 4000, 0, 10_000_000)
+    memory = opt_size(args, "--memory", "64M", 1 << 20, 16 << 30)
+    plot_out = args["--plot"]
+    if plot_out is not None and not str(plot_out).lower().endswith((".png", ".svg")):
+        raise UsageError(f"option --plot: {plot_out} must end in .png or .svg")
     if args["--keep"]:
         workdir = Path(args["--keep"])
         workdir.mkdir(parents=True, exist_ok=True)
-        return Demo(workdir, seconds, interval, memory, dirty_rate).run()
+        return _run(Demo(workdir, seconds, interval, memory, dirty_rate), plot_out)
     with tempfile.TemporaryDirectory(prefix="remus-demo-") as tmp:
-        return Demo(Path(tmp), seconds, interval, memory, dirty_rate).run()
+        return _run(Demo(Path(tmp), seconds, interval, memory, dirty_rate), plot_out)
+
+
+def _run(demo: Demo, plot_out: Optional[str]) -> int:
+    status = demo.run()
+    if plot_out is not None:
+        from remus.statsfile import read_checkpoints
+        from remus.statsplot import plot
+
+        with open(demo.stats, encoding="utf-8") as stream:
+            plot(read_checkpoints(stream, str(demo.stats)), plot_out, title="remus-demo: the primary")
+        demo.say(f"plot of the primary's checkpoints written to {plot_out}")
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``remus-demo`` command; returns the exit status."""
+    return run_command(PROG, __doc__ or "", _body, argv)
 
 
 if __name__ == "__main__":

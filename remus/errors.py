@@ -190,6 +190,13 @@ class DiskUnavailable(DiskError):
     """This host lacks what a kernel block device needs (the nbd module, CAP_SYS_ADMIN)."""
 
 
+class StatsFileError(RemusError):
+    """A statistics file (``--stats-json``) cannot be written, or read back as remus's JSON lines.
+
+    The message names the file (and the line) and what to do.  The front ends exit 1.
+    """
+
+
 class NetbufError(RemusError):
     """Network output buffering could not be set up, driven or torn down."""
 

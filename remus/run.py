@@ -135,12 +135,15 @@ def run(settings: Settings) -> int:
 
 def _protect(settings: Settings, domain: Domain, stop: StopFlag, key: Optional[bytes]) -> int:
     name = domain.info.name
-    reporter = Reporter(f"{domain.info.kind}:{name}", sys.stderr, settings.stats_json)
     try:
+        # The reporter is made inside this try (an unwritable --stats-json is one line and exit 1),
+        # and it watches the channel (the first checkpoint's progress); the disks' first
+        # synchronisation reads the backup's extent hashes from the channel itself.
+        reporter = Reporter(f"{domain.info.kind}:{name}", sys.stderr, settings.stats_json)
         channel = open_channel(settings, key, stop)
         engine = Engine(
             domain,
-            channel,
+            reporter.watch(channel),
             interval_ms=settings.interval_ms,
             timer=settings.timer,
             compression=settings.compression,
@@ -154,17 +157,22 @@ def _protect(settings: Settings, domain: Domain, stop: StopFlag, key: Optional[b
         _say(str(exc))
         return 1
     status = 1
+    outcome = ""  # toolkit (issue 12): why the run ended, for the reporter's stop/lost event
     try:
         engine.run()
         status = 0
+        outcome = stop.reason or "requested"
     except HoldStill as exc:
+        outcome = str(exc)
         _say(hold_message(domain, exc))
     except BackupLost as exc:
+        outcome = str(exc)
         _say(f"{exc}; {runs_on(domain)}, its output released")
     except (CheckpointError, RemusError) as exc:
+        outcome = str(exc)
         _say(f"{exc}; {runs_on(domain)}, its output released")
     finally:
-        reporter.finish(engine.statistics())
+        reporter.finish(engine.statistics(), outcome, lost=status != 0)
     if status == 0:
         told = ""
         if not settings.blackhole and not engine.opened:

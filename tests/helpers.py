@@ -1,10 +1,14 @@
-"""Fakes shared by the tests: a domain, devices and a channel that log every call."""
+"""Helpers shared by the tests: fakes (a domain, devices and a channel that log every call),
+the repository's environment, waiting on a condition, and the processes a test started."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from remus.channel import Silence
@@ -345,3 +349,56 @@ class LinkProxy:
         self.listener.close()
         for s in self._socks:
             s.close()
+
+
+# --------------------------------------------------------------------------- processes and waiting
+
+#: The repository's root (what ``PYTHONPATH`` points at for commands run from the tree).
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment for running the tree's commands: ``PYTHONPATH`` at the repository."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition",
+               poll_s: float = 0.02) -> object:
+    """Poll ``condition`` until it returns something true; return that.  AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def child_pids(parent: int, marker: bytes = b"") -> set[int]:
+    """The live processes whose parent is ``parent`` (and whose command line holds ``marker``).
+
+    Tests use it to find the simulated guests of the remus they started, and no one else's.
+    """
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and marker in cmdline and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

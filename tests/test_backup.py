@@ -4,6 +4,7 @@ garbage in the stream can turn into a partial checkpoint."""
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Optional
 
 import pytest
@@ -116,11 +117,12 @@ def test_a_cut_anywhere_leaves_the_last_complete_checkpoint() -> None:
         assert_image_is_checkpoint(session, primary)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["insert", "flip", "overwrite"])
 def test_garbage_raises_a_protocol_error_and_never_a_partial_checkpoint(mode: str) -> None:
     primary = make_primary()
     stream = bytes(primary.stream)
-    rng = random.Random(hash(mode) & 0xFFFF)
+    rng = random.Random(zlib.crc32(mode.encode()))  # seeded, replayable (hash() of a str is not)
     errors = 0
     for _ in range(120):
         offset = rng.randrange(0, len(stream))

@@ -136,6 +136,7 @@ def random_argv(rng: random.Random) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 def test_oracle_over_generated_argument_vectors() -> None:
     rng = random.Random(20261125)
     vectors = [random_argv(rng) for _ in range(3000)]

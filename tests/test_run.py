@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_key_file
+from tests.helpers import wait_until, write_key_file
 from tests.test_transport import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -83,22 +83,33 @@ def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_pa
     assert not ours & guest_pids(), "the simulated guest must not outlive remus"
 
 
-def test_not_on_a_terminal_prints_only_the_summary_and_sigterm_exits_0(tmp_path: Path) -> None:
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} remus: "
+
+
+def test_not_on_a_terminal_writes_timestamped_events_and_sigterm_exits_0(tmp_path: Path) -> None:
     stats = tmp_path / "stats.json"
     proc = subprocess.Popen([sys.executable, "-m", "remus.cli", "--blackhole", "-i", "20", "--stats-json",
                              str(stats), "sim:quiet"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (not stats.exists() or stats.read_text().count("\n") < 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=20)
+    try:
+        wait_until(lambda: stats.exists() and stats.read_text().count("\n") >= 5, what="five checkpoints")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0
     assert stdout == "*** signalled ***\n"  # as the xm-era remus printed
-    assert stderr.startswith("remus: sim:quiet: ") and len(stderr.splitlines()) == 4, stderr
+    # Off a terminal (systemd, nohup, a log file): one timestamped line per event, then the summary.
+    lines = stderr.splitlines()
+    assert re.fullmatch(STAMP + "start: protecting sim:quiet", lines[0]), stderr
+    assert re.fullmatch(STAMP + r"first checkpoint: sending \d+ pages \(.*\)", lines[1]), stderr
+    assert re.fullmatch(STAMP + r"first checkpoint done: \d+ pages, .* sim:quiet is protected", lines[2]), stderr
+    assert re.fullmatch(STAMP + "stop: SIGTERM", lines[3]), stderr
+    assert lines[4].startswith("remus: sim:quiet: ") and len(lines) == 8, stderr
     # The last line says what became of the domain: a simulated guest never outlives remus.
-    assert stderr.splitlines()[-1] == ("remus: stopped (SIGTERM); the simulated guest quiet ends with remus, "
-                                       "its output released")
+    assert lines[-1] == "remus: stopped (SIGTERM); the simulated guest quiet ends with remus, its output released"
     assert "\r" not in stderr
 
 

@@ -21,6 +21,7 @@ from remus.sim.output import PacketSink, PlugQueue
 from remus.sim.spec import SimSpec, parse_sim_spec
 from remus.stream.records import PAGE_SIZE, Checkpoint, DomainHeader, PageData, SimVcpu
 from remus.stream.sender import EncodedCheckpoint
+from tests.helpers import wait_until
 
 # --------------------------------------------------------------------------- spec
 
@@ -259,16 +260,15 @@ def proc_state(pid: int) -> str:
 def test_suspend_really_stops_the_guest_and_resume_restarts_it(tmp_path: Path) -> None:
     domain = SimulatedDomain(parse_sim_spec("sim:t,memory=4M,dirty_rate=20000,packet_rate=200"))
     try:
-        time.sleep(0.2)
+        wait_until(lambda: domain.vcpu()[0] > 0, what="the guest to run")
         domain.suspend()
         counter = domain.vcpu()[0]
         memory = domain.mem.memory_bytes()
-        time.sleep(0.2)
+        assert domain.pid is not None
+        wait_until(lambda: proc_state(domain.pid) == "S", what="the guest to block")  # type: ignore[arg-type]
         assert domain.vcpu()[0] == counter and domain.mem.memory_bytes() == memory
-        assert domain.pid is not None and proc_state(domain.pid) == "S"  # blocked, not running
         domain.resume()
-        time.sleep(0.2)
-        assert domain.vcpu()[0] > counter
+        wait_until(lambda: domain.vcpu()[0] > counter, what="the guest to run again")
     finally:
         domain.close()
     assert domain.pid is None

@@ -23,7 +23,7 @@ from remus.backup.server import Receiver
 from remus.sim.domain import SimulatedDomain
 from remus.sim.spec import parse_sim_spec
 from remus.transport import TcpChannel, connect
-from tests.helpers import LINK_KEY, SealedClient, write_key_file
+from tests.helpers import LINK_KEY, SealedClient, wait_until, write_key_file
 from tests.test_backup import make_primary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,9 +186,8 @@ def test_primary_whose_backup_disappears_releases_output_and_exits_1(tmp_path: P
         primary = cli("remus.cli", "-i", "20", "--ack-timeout", "700", "--key-file", key_file,
                       "--stats-json", str(tmp_path / "stats"),
                       f"sim:t,memory=2M,packet_rate=200,output={out}", "127.0.0.1", "-p", str(port))
-        while "commit" not in (tmp_path / "events").read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+        # A few checkpoints committed, so that the guest has output to release (no fixed sleep).
+        wait_until(lambda: (tmp_path / "events").read_text().count('"commit"') >= 5, what="five commits")
         receiver.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         _stdout, stderr = primary.communicate(timeout=20)
     finally:
@@ -223,7 +222,8 @@ def test_garbage_from_an_authenticated_primary_breaks_the_session_and_activates_
 def test_a_port_probe_is_not_a_session() -> None:
     backup = ReceiverThread()
     SealedClient(backup.port).close()
-    time.sleep(0.3)
+    wait_until(lambda: any("ended before opening a session" in line for line in backup.lines),
+               what="the receiver to notice the probe")
     assert backup.thread.is_alive()  # --once still waits for a real session
     assert any("ended before opening a session" in line for line in backup.lines)
     backup.finish()
