@@ -1,4 +1,4 @@
-"""hotplug/block-remus with a fake xenstore (xenstore-read/-write logging to a file) and a fake or
+"""contrib/hotplug/block-remus with a fake xenstore (xenstore-read/-write logging to a file) and a fake or
 real disk server; shellcheck-clean."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_transport import ROOT
 
-SCRIPT = ROOT / "hotplug" / "block-remus"
+SCRIPT = ROOT / "contrib" / "hotplug" / "block-remus"
 XENBUS = "backend/vbd/7/51712"
 
 

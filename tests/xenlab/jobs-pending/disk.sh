@@ -97,7 +97,7 @@ ok=0
 # remus and remus-receiver share the key in /etc/remus/authkey (their default)
 [ -f /etc/remus/authkey ] || python3 $LAB_BUILD/bin/remus-keygen || ok=1
 modprobe nbd || ok=1
-install -m 755 $LAB_BUILD/hotplug/block-remus /etc/xen/scripts/block-remus || ok=1
+install -m 755 $LAB_BUILD/contrib/hotplug/block-remus /etc/xen/scripts/block-remus || ok=1
 build_domd || ok=1
 rm -rf $REPLICA_ROOT $DOMD_CONSOLE
 [ $ok = 0 ] && xl create -q $DOMD_CFG || ok=1
