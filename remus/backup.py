@@ -93,9 +93,13 @@ class Refused:
 
 @dataclass(frozen=True)
 class Committed:
-    """Checkpoint ``seq`` is complete and now the image; an ACK is on its way."""
+    """Checkpoint ``seq`` is complete and now the image; an ACK is on its way.
+
+    ``changed_pfns``: the pages this checkpoint sent (what a standby must update).
+    """
 
     seq: int
+    changed_pfns: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -243,9 +247,9 @@ class BackupSession:
             raise RemoteProtocolError("the first checkpoint has no domain header")
         if self.kind == "sim" and not any(isinstance(r, SimVcpu) for r in staging.records):
             raise RemoteProtocolError(f"checkpoint {commit.seq} of a simulated domain has no vCPU record")
-        self.image.commit(commit.seq, staging)
+        changed = self.image.commit(commit.seq, staging)
         self._staging = None
-        return [Committed(commit.seq), SendBack(Ack(commit.seq))]
+        return [Committed(commit.seq, changed), SendBack(Ack(commit.seq))]
 
 
 def _pages_of(record: PageData) -> list[tuple[int, Optional[bytes]]]:

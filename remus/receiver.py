@@ -9,10 +9,13 @@ When the primary is lost (EOF, reset, an invalid stream, or nothing from it
 for ``heartbeat_timeout_s``) the receiver activates the domain from the last
 *committed* checkpoint, never from a partial one, and says so in one line.
 An activated simulated guest runs inside this process until ``stop`` is set
-(SIGINT/SIGTERM in the front end); a Xen domain is restored with ``xl
-restore`` (``remus.xen.restore``, or the ``restore_xen`` given) and runs on
-its own.  A session the primary closes in order is not a failover: the
-primary keeps the domain.
+(SIGINT/SIGTERM in the front end).  A Xen session gets a hot standby when it
+opens (``remus.xen.standby``: ``xl migrate-receive -r`` fed every committed
+and acknowledged checkpoint, or the ``start_standby`` given); failover hands
+it the end of its stream and the domain runs on its own.  Only when no standby
+could be kept is the domain restored with ``xl restore`` (``remus.xen.restore``,
+or the ``restore_xen`` given).  A session the primary closes in order is not a
+failover: the primary keeps the domain, and the standby is destroyed.
 
 Messages go through ``say`` (one line each) and ``on_event`` (JSON-able
 dicts); this module prints nothing itself.
@@ -28,7 +31,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol
 
 from remus.backup import (
     BackupSession,
@@ -55,6 +58,31 @@ _RECV_BYTES = 1 << 20
 #: ``restore_xen(session_info, image)`` recreates a Xen domain from the committed image and
 #: returns what to report about it (``domid``, ``restore_s``, ...); see ``remus.xen.restore``.
 XenRestorer = Callable[[Mapping[str, Any], Image], dict[str, Any]]
+
+
+# ---- standby hook (issue 10; the lead ports this into remus/backup/activation.py) ----------
+class Standby(Protocol):
+    """A domain kept ready on this host, checkpoint by checkpoint (``remus.xen.standby``)."""
+
+    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None:
+        """Checkpoint seq is committed and acked; keep the ready domain in step (may merge)."""
+
+    def activate(self) -> dict[str, Any]:
+        """Failover: run the domain from the last committed checkpoint; details for the report."""
+
+    def discard(self) -> None:
+        """Orderly close, refused or broken session: destroy whatever was prepared; run nothing."""
+
+
+#: ``start_standby(session_info)`` starts the standby of a Xen session (raises RemusError if it cannot).
+StandbyStarter = Callable[[Mapping[str, Any]], Standby]
+
+
+def start_xen_standby(info: Mapping[str, Any]) -> Standby:
+    from remus.xen.standby import XenStandby
+
+    return XenStandby.start(info)
+# ---- end of standby hook -------------------------------------------------------------------
 
 
 class Ending(enum.Enum):
@@ -155,6 +183,7 @@ class Receiver:
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
         on_progress: Optional[Callable[[BackupSession], None]] = None,
         restore_xen: Optional[XenRestorer] = None,
+        start_standby: Optional[StandbyStarter] = start_xen_standby,
     ) -> None:
         self.port = port
         self.listen = listen
@@ -166,6 +195,8 @@ class Receiver:
         self.on_event = on_event
         self.on_progress = on_progress
         self.restore_xen = restore_xen
+        self.start_standby = start_standby  # standby hook: None keeps only the cold path
+        self.standby: Optional[Standby] = None
         self.activated: Any = None
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
@@ -200,7 +231,13 @@ class Receiver:
                 if not readable:
                     continue
                 conn, addr = listener.accept()
-                result = self._session(conn, addr)
+                ending: Optional[Ending] = None
+                try:
+                    result = self._session(conn, addr)
+                    ending = result.ending
+                finally:
+                    if ending is not Ending.LOST:  # standby hook: a lost session keeps it for _fail_over
+                        self._discard_standby()
                 if result.ending is Ending.LOST and result.session.state in (State.HEADER, State.SESSION):
                     # A port probe or a stray client: no session was ever opened.
                     self.say(f"connection from {peer_host(addr)} ended before opening a session: "
@@ -212,6 +249,7 @@ class Receiver:
                     return 0 if result.ending in (Ending.ORDERLY, Ending.STOPPED) else 1
             return 0
         finally:
+            self._discard_standby()  # standby hook: never leave one behind
             listener.close()
             self._listener = None
 
@@ -243,6 +281,7 @@ class Receiver:
         last_heard = time.monotonic()
         last_commit = 0.0
         name = "?"
+        changed: set[int] = set()  # standby hook: pages changed by the commits of one batch
 
         def lost(reason: str) -> SessionResult:
             return SessionResult(Ending.LOST, reason, session, last_commit)
@@ -281,12 +320,14 @@ class Receiver:
                     name = f"{output.info['kind']}:{output.info['domain']}"
                     self.say(f"session from {host}: protecting {name}")
                     self.on_event({"event": "session", "peer": host, "domain": name})
+                    self._start_standby(session, name)  # standby hook
                 elif isinstance(output, Refused):
                     self.say(f"refused a session from {host}: {output.reason}")
                     self.on_event({"event": "refused", "peer": host, "reason": output.reason})
                     return SessionResult(Ending.REFUSED, output.reason, session)
                 elif isinstance(output, Committed):
                     last_commit = now
+                    changed |= output.changed_pfns  # standby hook
                     self.on_event({"event": "commit", "domain": name, "seq": output.seq})
                 elif isinstance(output, ClosedByPrimary):
                     self.say(f"{name}: session closed by the primary ({output.message or 'no reason'}); "
@@ -297,6 +338,9 @@ class Receiver:
                 elif isinstance(output, StreamEnded):
                     cut = f", {output.partial_bytes} bytes into a record" if output.partial_bytes else ""
                     return lost(f"connection closed by {host} (EOF{cut})")
+            if changed and self.standby is not None:  # standby hook: after the ACKs went out
+                self.standby.committed(session.image, session.image.seq, frozenset(changed))
+            changed.clear()
             if self.on_progress is not None:
                 self.on_progress(session)
 
@@ -312,6 +356,21 @@ class Receiver:
             except OSError:
                 pass
 
+    # -- standby hook ---------------------------------------------------------------------------
+    def _start_standby(self, session: BackupSession, name: str) -> None:
+        if session.kind != "xen" or self.start_standby is None:
+            return
+        try:
+            self.standby = self.start_standby(session.info)
+        except RemusError as exc:
+            self.say(f"{name}: no hot standby ({exc}); a failover would restore it with xl restore")
+            self.on_event({"event": "standby-failed", "domain": name, "error": str(exc)})
+
+    def _discard_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.discard()
+
     # -- failover ------------------------------------------------------------------------------
     def _fail_over(self, result: SessionResult) -> int:
         session = result.session
@@ -319,6 +378,7 @@ class Receiver:
         name = f"{info.get('kind', '?')}:{info.get('domain', '?')}"
         seq = session.image.seq
         if seq == 0:
+            self._discard_standby()  # standby hook
             self.say(f"primary lost ({result.reason}); no complete checkpoint of {name} was received: "
                      "nothing to activate")
             self.on_event({"event": "nothing-to-activate", "domain": name, "reason": result.reason})
@@ -330,6 +390,7 @@ class Receiver:
             self.say(f"primary lost ({result.reason}); activating {name} from checkpoint {seq} FAILED: {exc}")
             self.on_event({"event": "activation-failed", "domain": name, "seq": seq, "error": str(exc)})
             return 1
+        seq = details.get("standby_seq", seq)  # standby hook: the checkpoint the standby was given last
         runs_as = ""
         if "domid" in details:
             runs_as = f"; it runs as domain {details['domid']}, restored in {details.get('restore_s', 0):.1f} s"
@@ -345,6 +406,12 @@ class Receiver:
         return 0
 
     def _activate(self, session: BackupSession) -> dict[str, Any]:
+        standby, self.standby = self.standby, None  # standby hook: the hot path first
+        if standby is not None:
+            try:
+                return standby.activate()
+            except RemusError as exc:
+                self.say(f"the hot standby could not be activated ({exc}); restoring with xl restore")
         if session.kind == "xen":
             if self.restore_xen is not None:
                 return self.restore_xen(session.info, session.image)
