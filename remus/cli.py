@@ -15,6 +15,8 @@ Additional options (not in the xm-era remus):
                         FILE
   --ack-timeout=MS      give up on the backup after MS milliseconds without an
                         ack or heartbeat from it (default 5000)
+  --key-file=FILE       the key shared with the backup (default
+                        /etc/remus/authkey; make one with remus-keygen)
   --version             show the version and exit
 """
 
@@ -271,6 +273,7 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
         timer=bool(parsed["--timer"]),
         stats_json=_last(parsed, "--stats-json"),
         ack_timeout_ms=ack_timeout_ms,
+        key_file=_last(parsed, "--key-file"),
         warnings=tuple(warnings),
     )
 

@@ -91,7 +91,7 @@ class Demo:
     def run(self) -> int:
         port = _free_port()
         python = [sys.executable, "-m"]
-        receiver_cmd = python + ["remus.receiver_cli", "--port", str(port), "--listen", "127.0.0.1",
+        receiver_cmd = python + ["remus.backup.cli", "--port", str(port), "--listen", "127.0.0.1",
                                  "--once", "--heartbeat-timeout", "1000", "--events-json", str(self.events)]
         spec = (f"sim:demo,memory={self.memory},dirty_rate={self.dirty_rate},seed=1,"
                 f"packet_rate=50,output={self.output}")

@@ -83,6 +83,26 @@ class RemoteProtocolError(ProtocolError):
     over the documented bound, a record out of order, a checksum mismatch)."""
 
 
+class AuthenticationFailed(RemoteProtocolError):
+    """The peer did not prove it holds the link key, or a sealed frame failed.
+
+    Raised by ``remus.link`` during the handshake (a wrong key, garbage, the
+    old unauthenticated protocol, a replayed or reflected handshake, a cut
+    handshake) and after it (a frame that was tampered with, reordered,
+    replayed, injected or cut).  Nothing the peer sent is used: the session
+    ends with nothing committed.  The message says which check failed.
+    """
+
+
+class KeyFileError(RemusError):
+    """The link key file is missing, unreadable, too short or too open, or
+    could not be written.
+
+    The message names the file and the fix (``remus-keygen``, ``chmod 600``,
+    ``--force``).  The front ends exit 1 before anything else happens.
+    """
+
+
 class ActivationError(RemusError):
     """The backup could not activate the domain from its last checkpoint.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from typing import Optional
+
 from remus.channel import BlackholeChannel, Channel
 from remus.clock import StopFlag
 from remus.domains import open_domain
@@ -24,18 +26,37 @@ def _say(message: str) -> None:
     print(f"remus: {message}", file=sys.stderr)
 
 
-def open_channel(settings: Settings) -> Channel:
-    """``--blackhole`` or a TCP connection to the receiver."""
+def open_channel(settings: Settings, key: Optional[bytes]) -> Channel:
+    """``--blackhole`` or an authenticated TCP connection to the receiver."""
     if settings.blackhole:
         return BlackholeChannel()
     from remus.transport import TcpChannel
 
-    return TcpChannel(settings.destination, settings.port, ack_timeout_ms=settings.ack_timeout_ms)
+    assert key is not None
+    return TcpChannel(settings.destination, settings.port, key=key, ack_timeout_ms=settings.ack_timeout_ms)
+
+
+def load_link_key(settings: Settings) -> Optional[bytes]:
+    """The key shared with the backup (none for ``--blackhole``).
+
+    Raises:
+        KeyFileError: missing, unreadable, too short or readable by others.
+    """
+    if settings.blackhole:
+        return None
+    from remus.link.keys import DEFAULT_KEY_FILE, load_key
+
+    return load_key(settings.key_file or DEFAULT_KEY_FILE)
 
 
 def run(settings: Settings) -> int:
     """Protect ``settings.domain`` until stopped; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="remus: %(message)s", stream=sys.stderr)
+    try:
+        key = load_link_key(settings)
+    except RemusError as exc:
+        _say(str(exc))
+        return 1
     stop = StopFlag()
     with stop_on_signals(stop):
         try:
@@ -51,7 +72,7 @@ def run(settings: Settings) -> int:
             label = f"{domain.info.kind}:{name}"
             reporter = Reporter(label, sys.stderr, settings.stats_json)
             try:
-                channel = open_channel(settings)
+                channel = open_channel(settings, key)
                 engine = Engine(
                     domain,
                     channel,
@@ -64,6 +85,7 @@ def run(settings: Settings) -> int:
                         "compression": settings.compression,
                         "net_buffering": settings.net_buffering,
                         "timer": settings.timer,
+                        "give_up_ms": settings.ack_timeout_ms,
                     },
                     stop=stop,
                     on_checkpoint=reporter,

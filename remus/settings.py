@@ -12,6 +12,10 @@ DEFAULT_INTERVAL_MS = 200
 DEFAULT_PORT = 8002  # xend-relocation-port
 DEFAULT_DESTINATION = "localhost"
 DEFAULT_ACK_TIMEOUT_MS = 5000
+#: The timing rule that keeps one copy of the guest: a backup may take over only after
+#: ``give-up + TAKEOVER_MARGIN_MS`` of silence from the primary, where give-up is the
+#: primary's --ack-timeout, which the session record carries as ``give_up_ms``.
+TAKEOVER_MARGIN_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -28,4 +32,5 @@ class Settings:
     timer: bool = False
     stats_json: Optional[str] = None
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
+    key_file: Optional[str] = None
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -23,9 +23,10 @@ import threading
 import time
 from typing import Callable, Optional
 
-from remus.errors import BackupLost, RemoteProtocolError, TransportError
+from remus.errors import AuthenticationFailed, BackupLost, RemoteProtocolError, RemusError, TransportError
+from remus.link.blocking import SealedLink, initiate
 from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
-from remus.stream.records import Ack, Close, CloseReason, Heartbeat, StreamHeader
+from remus.stream.records import Accept, Ack, Close, CloseReason, Heartbeat, StreamHeader
 from remus.stream.sender import EncodedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,22 @@ class LockedSocket:
             self.sock.sendall(data)
 
 
+class SealedSocket:
+    """``send`` from several threads through the sealed link (``remus.link``): each call's
+    bytes become whole frames, in nonce order, never interleaved."""
+
+    def __init__(self, sock: socket.socket, link: SealedLink) -> None:
+        self.sock = sock
+        self.link = link
+
+    def send(self, data: bytes) -> None:
+        self.link.send(self.sock, data)
+
+
 class Heartbeats:
     """Sends a HEARTBEAT record every ``interval_s`` until stopped or the socket fails."""
 
-    def __init__(self, out: LockedSocket, interval_s: float = HEARTBEAT_INTERVAL_S,
+    def __init__(self, out: "LockedSocket | SealedSocket", interval_s: float = HEARTBEAT_INTERVAL_S,
                  on_error: Optional[Callable[[OSError], None]] = None) -> None:
         self._out = out
         self._interval_s = interval_s
@@ -132,7 +145,7 @@ class Heartbeats:
 class TcpChannel:
     """The primary's connection to ``remus-receiver`` (see the module docstring)."""
 
-    def __init__(self, host: str, port: int, *, ack_timeout_ms: int = 5000,
+    def __init__(self, host: str, port: int, *, key: bytes, ack_timeout_ms: int = 5000,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
         self.host = strip_brackets(host)
@@ -141,8 +154,12 @@ class TcpChannel:
         self.ack_timeout_s = ack_timeout_ms / 1000.0
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.key = key
+        #: What the backup said in its ACCEPT: after how long without a word from us it may take over.
+        self.accepted: Optional[Accept] = None
         self._sock: Optional[socket.socket] = None
-        self._out: Optional[LockedSocket] = None
+        self._link: Optional[SealedLink] = None
+        self._out: Optional[SealedSocket] = None
         self._heartbeats: Optional[Heartbeats] = None
         self._reader: Optional[threading.Thread] = None
         self._cond = threading.Condition()
@@ -154,9 +171,19 @@ class TcpChannel:
     # -- Channel -------------------------------------------------------------------------
     def open(self, opening: bytes) -> None:
         sock = connect(self.host, self.port, self.connect_timeout_s)
+        try:
+            link = initiate(sock, self.key, self.connect_timeout_s)
+        except AuthenticationFailed as exc:
+            sock.close()
+            raise TransportError(f"the receiver at {self.where} did not authenticate: {exc} "
+                                 "(both hosts need the same key file: see remus-keygen)") from None
+        except (RemusError, OSError) as exc:
+            sock.close()
+            raise TransportError(f"no authenticated link to {self.where}: {exc}") from None
         sock.settimeout(self.ack_timeout_s)
         self._sock = sock
-        self._out = LockedSocket(sock)
+        self._link = link
+        self._out = SealedSocket(sock, link)
         self._last_heard = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name="remus-ack-reader", daemon=True)
         self._reader.start()
@@ -189,10 +216,13 @@ class TcpChannel:
 
     def close(self, message: str) -> None:
         self._closing = True
+        if self._heartbeats is not None:
+            self._heartbeats.stop()  # no heartbeat may follow the CLOSE
         try:
             if self._out is not None:
                 self._out.send(encode_record(Close(CloseReason.STOPPED, message)))
-                assert self._sock is not None
+                assert self._sock is not None and self._link is not None
+                self._link.send_final(self._sock)
                 self._sock.shutdown(socket.SHUT_WR)
                 if self._reader is not None:
                     self._reader.join(timeout=2)  # the backup closes its side in turn
@@ -255,7 +285,17 @@ class TcpChannel:
                     continue
                 with self._cond:
                     self._last_heard = time.monotonic()
-                decoder.receive_data(data)
+                assert self._link is not None
+                try:
+                    plaintexts = self._link.receive_data(data)
+                except AuthenticationFailed as exc:
+                    if data:
+                        raise RemoteProtocolError(f"the sealed link failed its check: {exc}") from None
+                    plaintexts = []  # EOF inside a frame: treated as the EOF it is
+                for plain in plaintexts:
+                    decoder.receive_data(plain)
+                if not data:
+                    decoder.receive_data(b"")
                 for event in decoder.events():
                     if isinstance(event, EndOfStream):
                         if not self._closing:
@@ -280,6 +320,8 @@ class TcpChannel:
         elif isinstance(event, Close):
             reason = CloseReason(event.reason).name.lower()
             self._set_lost(f"the backup at {self.where} ended the session ({reason}): {event.message}")
+        elif isinstance(event, Accept):
+            self.accepted = event
         elif isinstance(event, (Heartbeat, StreamHeader)):
             pass
         else:

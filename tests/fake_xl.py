@@ -33,9 +33,10 @@ state = json.load(open(path)) if os.path.exists(path) else {"domains": {}, "next
 args = sys.argv[1:]
 state["calls"].append(args)
 
-def save():
-    with open(path, "w") as f:
+def save():  # atomically: tests read it while xl commands run
+    with open(path + ".new", "w") as f:
         json.dump(state, f)
+    os.replace(path + ".new", path)
 
 def change(how):
     """Re-read the state under the lock, apply how(state), save it."""

@@ -174,3 +174,31 @@ def stop_after(stop: StopFlag, n: int) -> Callable[[object], None]:
 
 
 __all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "stop_after"]
+
+
+# --------------------------------------------------------------------------- the link (issue 8)
+
+LINK_KEY = bytes(range(64))  # a throw-away key for the link tests
+
+
+def seeded_random(seed: int) -> Callable[[int], bytes]:
+    """A replayable source of random bytes for ``Initiator``/``Responder`` (``rng=``)."""
+    import random
+
+    return random.Random(seed).randbytes
+
+
+class Handshake:
+    """One complete, recorded link handshake between an ``Initiator`` and a ``Responder``."""
+
+    def __init__(self, key: bytes = LINK_KEY, seed: int = 1) -> None:
+        from remus.link.handshake import Initiator, Responder
+
+        self.initiator = Initiator(key, rng=seeded_random(seed))
+        self.responder = Responder(key, rng=seeded_random(seed + 1_000_000))
+        self.hello = self.initiator.start()
+        self.responder.receive_data(self.hello)
+        self.reply = self.responder.data_to_send()
+        self.initiator.receive_data(self.reply)
+        self.finish = self.initiator.data_to_send()
+        self.responder.receive_data(self.finish)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 
-from remus.backup import BackupSession, ClosedByPrimary, Committed, Opened, Refused, SendBack, StreamEnded
+from remus.backup.session import BackupSession, ClosedByPrimary, Committed, Opened, Refused, SendBack, StreamEnded
 from remus.errors import RemoteProtocolError
 from remus.sim.domain import SIM_DHDR_TYPE
 from remus.sim.memory import MemoryDigest

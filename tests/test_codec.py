@@ -37,14 +37,15 @@ def h(text: str) -> bytes:
 # Each golden value is derived by hand from the layout in remus/stream/records.py:
 # u32 type (LE), u32 body length (LE), body, zero padding to 8 octets.
 GOLDEN: list[tuple[str, Any, bytes]] = [
-    # marker ~0, id "RMUS", version 1, options 0, reserved 0 (big-endian like libxc's image header)
-    ("stream-header", StreamHeader(), h("ffffffffffffffff 524d5553 00000001 0000 0000 00000000")),
+    # marker ~0, id "RMUS", version 2, options 0, reserved 0 (big-endian like libxc's image header)
+    ("stream-header", StreamHeader(), h("ffffffffffffffff 524d5553 00000002 0000 0000 00000000")),
     # type 0x52450006, length 8, u64 seq = 5
     ("ack", Ack(5), h("06004552 08000000 0500000000000000")),
     # type 0x52450007, length 8, u64 count = 1
     ("heartbeat", Heartbeat(1), h("07004552 08000000 0100000000000000")),
     # type 0x52450005, length 16, u64 seq 3, u32 records 2, u32 crc 0xdeadbeef
-    ("commit", Commit(3, 2, 0xDEADBEEF), h("05004552 10000000 0300000000000000 02000000 efbeadde")),
+    ("commit", Commit(3, 2, 0xDEADBEEF, 1_700_000_000_123),
+     h("05004552 18000000 0300000000000000 02000000 efbeadde 7b68e5cf8b010000")),
     # type 0x52450008, length 11, u32 reason 0, u32 reserved, "bye", 5 bytes of padding
     ("close", Close(CloseReason.STOPPED, "bye"), h("08004552 0b000000 00000000 00000000 627965 0000000000")),
     # libxc CHECKPOINT: type 0x0e, empty body
@@ -146,11 +147,11 @@ def test_commit_digest_covers_checkpoint_records_only() -> None:
 # --------------------------------------------------------------------------- errors
 
 BAD_STREAMS = [
-    ("bad-marker", h("fffffffffffffffe 524d5553 00000001 0000 0000 00000000"), "bad marker"),
+    ("bad-marker", h("fffffffffffffffe 524d5553 00000002 0000 0000 00000000"), "bad marker"),
     ("plain-libxc", h("ffffffffffffffff 58454e46 00000003 0000 0000 00000000"), "plain libxc"),
     ("other-id", h("ffffffffffffffff 41414141 00000001 0000 0000 00000000"), "id 0x41414141"),
-    ("version", h("ffffffffffffffff 524d5553 00000002 0000 0000 00000000"), "version 2"),
-    ("reserved", h("ffffffffffffffff 524d5553 00000001 0001 0000 00000000"), "reserved"),
+    ("version", h("ffffffffffffffff 524d5553 00000001 0000 0000 00000000"), "version 1"),
+    ("reserved", h("ffffffffffffffff 524d5553 00000002 0001 0000 00000000"), "reserved"),
     ("huge-length", StreamHeader().encode() + h("01000000 ffffffff"), "over the"),
     ("padding", StreamHeader().encode() + h("07000000 03000000 010203 0000000001"), "padding"),
     ("unknown-remus-type", StreamHeader().encode() + h("ff004552 00000000"), "unknown remus record"),

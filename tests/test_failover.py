@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from remus.backup import BackupSession
+from remus.backup.session import BackupSession
 from tests.test_transport import ROOT, ReceiverThread
 
 RUNS = int(os.environ.get("REMUS_FAULT_RUNS", "50"))

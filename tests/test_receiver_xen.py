@@ -1,17 +1,16 @@
-"""The receiver with a Xen session: a standby started when the session opens gets every
-committed checkpoint and the failover; without one, failover goes to the Xen restorer, with
-the last committed checkpoint; the result or the failure is reported in one line."""
+"""The receiver with a Xen session: failover goes to the Xen restorer, with the last
+committed checkpoint; its result or its failure is reported in one line."""
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import AbstractSet, Any, Mapping, Optional
+from typing import Any, Mapping
 
 import pytest
 
 from remus.errors import ActivationError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason
 from tests.test_transport import ReceiverThread
@@ -42,7 +41,7 @@ def send_and_drop(port: int, data: bytes, backup: ReceiverThread, commits: int) 
 
 def test_a_lost_xen_primary_is_restored_from_its_last_committed_checkpoint() -> None:
     restorer = FakeRestorer()
-    backup = ReceiverThread(restore_xen=restorer, start_standby=None)
+    backup = ReceiverThread(restore_xen=restorer)
     stream, _guest = xen_session(3)
     partial, _ = xen_session(4)
     assert partial.startswith(stream)
@@ -59,7 +58,7 @@ def test_a_lost_xen_primary_is_restored_from_its_last_committed_checkpoint() -> 
 
 
 def test_a_failed_xen_activation_is_one_line_and_exit_status_1() -> None:
-    backup = ReceiverThread(restore_xen=FakeRestorer(fail=True), start_standby=None)
+    backup = ReceiverThread(restore_xen=FakeRestorer(fail=True))
     stream, _guest = xen_session(2)
     send_and_drop(backup.port, stream, backup, 2)
     event = backup.wait_event("activation-failed")
@@ -72,7 +71,7 @@ def test_a_failed_xen_activation_is_one_line_and_exit_status_1() -> None:
 @pytest.mark.parametrize("config", [None, "{}"], ids=["none", "nameless"])
 def test_a_xen_session_without_a_usable_config_is_refused_at_once(config: Any) -> None:
     restorer = FakeRestorer()
-    backup = ReceiverThread(restore_xen=restorer, start_standby=None)
+    backup = ReceiverThread(restore_xen=restorer)
     stream, _guest = xen_session(0, config=config)
     with socket.create_connection(("127.0.0.1", backup.port)) as sock:
         sock.sendall(stream)
@@ -89,75 +88,3 @@ def test_a_xen_session_without_a_usable_config_is_refused_at_once(config: Any) -
     backup.stop.set("test")
     backup.thread.join(timeout=15)
     assert restorer.calls == []
-
-
-class FakeStandby:
-    def __init__(self, fail: Optional[str] = None) -> None:
-        self.fail = fail
-        self.calls: list[Any] = []
-        self.pages: set[int] = set()
-
-    def start(self, info: Mapping[str, Any]) -> "FakeStandby":
-        self.calls.append(("start", info["domain"]))
-        if self.fail == "start":
-            raise ActivationError("cannot run xl migrate-receive: no such file")
-        return self
-
-    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None:
-        assert image.seq == seq
-        self.calls.append(("committed", seq))
-        self.pages |= changed_pfns
-
-    def activate(self) -> dict[str, Any]:
-        self.calls.append(("activate",))
-        if self.fail == "activate":
-            raise ActivationError("xl migrate-receive of domu failed (exit status 1): boom")
-        return {"domid": 9, "name": "domu", "restore_s": 0.5, "standby": True,
-                "standby_seq": max(s for c, *s in self.calls if c == "committed" for s in s)}
-
-    def discard(self) -> None:
-        self.calls.append(("discard",))
-
-
-def test_a_xen_session_keeps_a_standby_that_fails_over() -> None:
-    standby = FakeStandby()
-    restorer = FakeRestorer()
-    backup = ReceiverThread(restore_xen=restorer, start_standby=standby.start)
-    stream, guest = xen_session(3)
-    send_and_drop(backup.port, stream, backup, 3)
-    event = backup.wait_event("activated")
-    assert backup.finish() == 0
-    assert standby.calls[0] == ("start", "domu") and standby.calls[-1] == ("activate",)
-    seqs = [c[1] for c in standby.calls if c[0] == "committed"]
-    assert seqs == sorted(seqs) and seqs[-1] == 3  # batches may merge, never reorder
-    assert standby.pages == set(guest.memory)
-    assert restorer.calls == []  # the cold path is not used
-    assert event["domid"] == 9 and event["seq"] == 3 and event["standby"] is True
-    [line] = [line for line in backup.lines if "activated" in line]
-    assert line.endswith("s old); it runs as domain 9, restored in 0.5 s")
-
-
-def test_an_orderly_close_discards_the_standby() -> None:
-    standby = FakeStandby()
-    backup = ReceiverThread(restore_xen=FakeRestorer(), start_standby=standby.start)
-    stream, _guest = xen_session(2)
-    with socket.create_connection(("127.0.0.1", backup.port)) as sock:
-        sock.sendall(stream + encode_record(Close(CloseReason.STOPPED, "stopped")))
-        backup.wait_event("closed")
-    assert backup.finish() == 0
-    assert standby.calls[-1] == ("discard",) and ("activate",) not in standby.calls
-
-
-@pytest.mark.parametrize("fail", ["start", "activate"])
-def test_without_a_working_standby_the_cold_path_restores(fail: str) -> None:
-    restorer = FakeRestorer()
-    backup = ReceiverThread(restore_xen=restorer, start_standby=FakeStandby(fail).start)
-    stream, _guest = xen_session(2)
-    send_and_drop(backup.port, stream, backup, 2)
-    event = backup.wait_event("activated")
-    assert backup.finish() == 0
-    assert event["domid"] == 42 and [seq for _info, seq, _types in restorer.calls] == [2]
-    if fail == "start":
-        assert any("no hot standby (cannot run xl migrate-receive" in line for line in backup.lines)
-    else:
-        assert any("the hot standby could not be activated" in line for line in backup.lines)

@@ -19,7 +19,7 @@ from remus.clock import StopFlag
 from remus.domain import Capture
 from remus.engine import Engine
 from remus.errors import TransportError
-from remus.receiver import Receiver
+from remus.backup.server import Receiver
 from remus.sim.domain import SimulatedDomain
 from remus.sim.spec import parse_sim_spec
 from remus.transport import TcpChannel, connect
@@ -171,7 +171,7 @@ def cli(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_primary_whose_backup_disappears_releases_output_and_exits_1(tmp_path: Path, how: str) -> None:
     port = free_port()
-    receiver = cli("remus.receiver_cli", "--listen", "127.0.0.1", "--port", str(port),
+    receiver = cli("remus.backup.cli", "--listen", "127.0.0.1", "--port", str(port),
                    "--events-json", str(tmp_path / "events"))
     try:
         deadline = time.monotonic() + 15

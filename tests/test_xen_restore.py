@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from remus.backup import BackupSession
+from remus.backup.session import BackupSession
 from remus.errors import ActivationError, XlError
 from remus.xen.restore import restore_domain
 from remus.xen.savefile import DomainConfig, save_file

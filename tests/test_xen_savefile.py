@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from remus.backup import BackupSession
+from remus.backup.session import BackupSession
 from remus.errors import ActivationError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.codec import NEED_DATA, EndOfStream, StreamDecoder
 from remus.stream.records import DomainHeader, PageData, XenRecord, XenRecType
 from remus.xen.savefile import (

@@ -78,7 +78,8 @@ def encode_record(record: Record) -> bytes:
 #: Records that are not part of a checkpoint's content (they open the session,
 #: may be interleaved with a checkpoint by another thread, or close it).
 _OUTSIDE_CHECKPOINT = frozenset(
-    (RemusRecType.SESSION, RemusRecType.COMMIT, RemusRecType.HEARTBEAT, RemusRecType.ACK, RemusRecType.CLOSE)
+    (RemusRecType.SESSION, RemusRecType.COMMIT, RemusRecType.HEARTBEAT, RemusRecType.ACK, RemusRecType.CLOSE,
+     RemusRecType.ACCEPT)
 )
 
 

@@ -60,7 +60,7 @@ MAX_BATCH_PAGES = 1024
 
 # --- this project's stream header and records ---
 STREAM_ID = 0x524D5553  # "RMUS"
-STREAM_VERSION = 1
+STREAM_VERSION = 2  # 2: sealed link, ACCEPT, COMMIT with its capture time
 STREAM_HEADER_SIZE = 24
 REMUS_REC_BASE = 0x52450000
 
@@ -108,6 +108,10 @@ class RemusRecType(enum.IntEnum):
     HEARTBEAT = REMUS_REC_BASE + 0x07
     #: Either direction: orderly end of the session, with a reason.
     CLOSE = REMUS_REC_BASE + 0x08
+    #: Backup to primary, once, before ACK 0: the session is taken, and on what terms
+    #: (JSON: the receiver's takeover timeout and mode, whether it fences).
+    ACCEPT = REMUS_REC_BASE + 0x09
+    # 0x0A..0x0F are reserved for disk replication.
 
 
 class PageKind(enum.IntEnum):
@@ -122,6 +126,33 @@ def page_type_has_data(pfn_word: int) -> bool:
     """True if a PAGE_DATA entry of this (type | pfn) word is followed by page contents."""
     page_type = (pfn_word & PAGE_DATA_TYPE_MASK) >> PAGE_DATA_TYPE_SHIFT
     return page_type not in _NO_DATA_TYPES
+
+
+#: How deeply the JSON of a SESSION record may nest (the primary writes 3 levels).
+MAX_JSON_DEPTH = 16
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest, without parsing it
+    (``json.loads`` recurses, so a hostile text of 20,000 ``[`` would exhaust the stack)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _need(cond: bool, what: str) -> None:
@@ -185,6 +216,7 @@ class Session:
     @classmethod
     def decode_body(cls, body: bytes) -> "Session":
         _need(len(body) <= cls.MAX_BODY, "session record too large")
+        _need(json_depth(body) <= MAX_JSON_DEPTH, f"session record nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             info = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -354,17 +386,21 @@ class SimVcpu:
 class Commit:
     """Checkpoint ``seq`` is complete: ``u64 seq``, ``u32 records`` (how many
     records it had, this one excluded), ``u32 crc32`` (of those records'
-    bytes on the wire, headers and padding included)."""
+    bytes on the wire, headers and padding included), ``u64 captured_unix_ms``
+    (the primary's wall clock when it suspended the domain for it, 0 if
+    unknown: lets the backup tell a checkpoint's real age even after it was
+    itself stalled)."""
 
     seq: int
     records: int
     crc32: int
+    captured_unix_ms: int = 0
 
     TYPE: ClassVar[int] = RemusRecType.COMMIT
-    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QII")
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QIIQ")
 
     def encode_body(self) -> bytes:
-        return self._FORMAT.pack(self.seq, self.records, self.crc32)
+        return self._FORMAT.pack(self.seq, self.records, self.crc32, self.captured_unix_ms)
 
     @classmethod
     def decode_body(cls, body: bytes) -> "Commit":
@@ -436,6 +472,42 @@ class Close:
 
 
 @dataclass(frozen=True)
+class Accept:
+    """Backup to primary: the session is taken.  A JSON object with at least
+    ``takeover_ms`` (after how long without a word from the primary the backup
+    may activate the domain; 0 means never by itself, ``--takeover=manual``),
+    ``takeover`` (``"auto"`` or ``"manual"``) and ``fencing`` (bool).  The
+    primary must never release output after having been out of contact for
+    longer than ``takeover_ms``."""
+
+    takeover_ms: int
+    takeover: str = "auto"
+    fencing: bool = False
+
+    TYPE: ClassVar[int] = RemusRecType.ACCEPT
+    MAX_BODY: ClassVar[int] = 4096
+
+    def encode_body(self) -> bytes:
+        info = {"takeover_ms": self.takeover_ms, "takeover": self.takeover, "fencing": self.fencing}
+        return json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "Accept":
+        _need(len(body) <= cls.MAX_BODY, "ACCEPT record too large")
+        try:
+            info = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RemoteProtocolError(f"ACCEPT record is not JSON: {exc}") from None
+        _need(isinstance(info, dict), "ACCEPT record is not a JSON object")
+        takeover_ms = info.get("takeover_ms")
+        _need(isinstance(takeover_ms, int) and not isinstance(takeover_ms, bool) and takeover_ms >= 0,
+              "ACCEPT record lacks a valid takeover_ms")
+        _need(info.get("takeover") in ("auto", "manual"), "ACCEPT record lacks a valid takeover mode")
+        _need(isinstance(info.get("fencing"), bool), "ACCEPT record lacks fencing")
+        return cls(takeover_ms, info["takeover"], info["fencing"])
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """libxc's CHECKPOINT record (empty body): the domain records before it form
     a consistent state."""
@@ -467,13 +539,15 @@ class XenRecord:
 
 
 Record = Union[
-    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint, XenRecord
+    Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept, Checkpoint,
+    XenRecord,
 ]
 
 #: Record classes by wire type; types not listed are libxc's and become ``XenRecord``.
 RECORD_CLASSES: dict[int, Any] = {
     cls.TYPE: cls
-    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Checkpoint)
+    for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept,
+                Checkpoint)
 }
 
 

@@ -12,8 +12,9 @@ No sockets, no clocks: ``remus.transport`` writes what this returns.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Mapping, Sequence
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from remus.stream.codec import CommitDigest, encode_record
 from remus.stream.compression import DEFAULT_CACHE_PAGES, PageCompressor
@@ -55,7 +56,9 @@ class CheckpointEncoder:
         self._compressor = PageCompressor(cache_pages) if compression else None
         self._digest = CommitDigest()
 
-    def encode(self, seq: int, records: Sequence[Record]) -> EncodedCheckpoint:
+    def encode(self, seq: int, records: Sequence[Record], captured_unix: Optional[float] = None) -> EncodedCheckpoint:
+        """Frame checkpoint ``seq``; ``captured_unix`` is the wall-clock time of its suspend
+        (default: now), which the COMMIT carries."""
         raw_bytes = 0
         wire_bytes = 0
         chunks: List[bytes] = []
@@ -72,7 +75,8 @@ class CheckpointEncoder:
                 chunks.append(b"".join(pending))
                 pending, pending_size = [], 0
         count, crc = self._digest.take()
-        commit = encode_record(Commit(seq, count, crc))
+        captured = time.time() if captured_unix is None else captured_unix
+        commit = encode_record(Commit(seq, count, crc, int(captured * 1000)))
         pending.append(commit)
         chunks.append(b"".join(pending))
         return EncodedCheckpoint(seq, chunks, raw_bytes + len(commit), wire_bytes + len(commit))

@@ -36,7 +36,7 @@ import time
 from typing import IO, Any, Iterable, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError, XlError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.records import PAGE_SIZE
 from remus.xen import xl
 from remus.xen.savefile import DomainConfig, save_file

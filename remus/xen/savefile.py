@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import (
     DHDR_TYPE_X86_PV,

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import IO, AbstractSet, Any, Iterable, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError, XlError
-from remus.image import Image
+from remus.backup.image import Image
 from remus.stream.records import PAGE_SIZE, DomainHeader, Record
 from remus.xen import xl
 from remus.xen.restore import PIPE_BYTES, write_all
@@ -107,6 +107,7 @@ class XenStandby:
         self._messages = messages
         self._lock = threading.Condition()
         self._pending: Optional[_Pending] = None
+        self._carry: set[int] = set()  # pages of committed checkpoints the image is already past
         self._started_stream = False  # the first checkpoint was taken by the feeder
         self._finishing = False  # activate(): write what is pending, then stop
         self._abandon = False  # discard(): stop at once
@@ -175,13 +176,18 @@ class XenStandby:
         """Checkpoint ``seq`` (now ``image``) is committed and acknowledged; hand it to xl.
 
         Never blocks on xl: merges with a checkpoint xl has not been given yet.
-        ``changed_pfns`` must hold every page changed since the last call.
+        When one batch of the primary's bytes committed several checkpoints, the
+        image is already at the last one while the earlier ones are reported:
+        their pages are kept aside and go with the checkpoint the image is at.
         """
-        if image.seq != seq:
-            raise ValueError(f"committed({seq}) with the image at checkpoint {image.seq}")
         with self._lock:
             if self._done or self.broken:
                 return
+            self._carry |= changed_pfns
+            if image.seq != seq:  # a later checkpoint of the same batch follows: it carries these pages
+                self.checkpoints_merged += 1
+                return
+            changed_pfns, self._carry = self._carry, set()
             pending = self._pending
             if pending is None and not self._started_stream:
                 try:

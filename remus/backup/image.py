@@ -77,8 +77,8 @@ class Image:
         entry = self.pages.get(pfn)
         return None if entry is None else entry[1]
 
-    def commit(self, seq: int, staged: Staging) -> frozenset[int]:
-        """Fold a complete, verified checkpoint in; return the PFNs it sent (its changed pages)."""
+    def commit(self, seq: int, staged: Staging) -> None:
+        """Fold a complete, verified checkpoint in."""
         if self.seq == 0:
             self.header = staged.header
             self.first_records = list(staged.records)
@@ -87,7 +87,6 @@ class Image:
         self.pages.update(staged.pages)
         self.latest_records = list(staged.records)
         self.seq = seq
-        return frozenset(staged.pages)
 
     def static_records(self) -> list[Record]:
         """The records that opened the stream before any page (libxc: X86_PV_INFO ...

@@ -4,7 +4,7 @@
 answers with what happened (a list of ``Output`` values): records to send
 back (acks), the session being opened or refused, checkpoints committed, and
 the primary closing the session in order.  It never touches a socket, a
-clock or a guest; ``remus.receiver`` does.
+clock or a guest; ``remus.backup.server`` does.
 
 Theory of operation.  The state machine (``_ALLOWED``) is::
 
@@ -26,11 +26,13 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from remus.errors import RemoteProtocolError, RemusError, UsageError
-from remus.image import Image, Staging
+from remus.backup.activation import check_capacity, memory_of
+from remus.backup.image import Image, Staging
+from remus.errors import RemoteProtocolError, RemusError
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
 from remus.stream.compression import PageDecompressor
 from remus.stream.records import (
+    PAGE_SIZE,
     Ack,
     Checkpoint,
     Close,
@@ -95,11 +97,13 @@ class Refused:
 class Committed:
     """Checkpoint ``seq`` is complete and now the image; an ACK is on its way.
 
-    ``changed_pfns``: the pages this checkpoint sent (what a standby must update).
+    ``changed_pfns`` are the pages it brought; ``captured_unix`` is the
+    primary's wall-clock time of its suspend (0.0 when the primary did not say).
     """
 
     seq: int
     changed_pfns: frozenset[int] = frozenset()
+    captured_unix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ Output = Union[SendBack, Opened, Refused, Committed, ClosedByPrimary, StreamEnde
 class BackupSession:
     """One session's state machine (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_memory: Optional[int] = None) -> None:
+        #: Guest memory (bytes) a session may declare; None: no bound but the kind's own.
+        self.max_memory = max_memory
         self.state = State.HEADER
         self.decoder = StreamDecoder()
         self.image = Image()
@@ -156,6 +162,8 @@ class BackupSession:
             if not isinstance(event, allowed):
                 raise RemoteProtocolError(f"{type(event).__name__} record while {self.state.value}")
             outputs.extend(self._handle(event))
+            if self.state is State.CLOSED:
+                return outputs  # whatever follows a CLOSE is not read: the session is over
         return outputs
 
     # -- events ------------------------------------------------------------------------
@@ -180,20 +188,15 @@ class BackupSession:
         info = session.info
         kind = info["kind"]
         try:
-            if kind == "sim":
-                from remus.sim.domain import spec_from_session
-
-                self.max_pages = spec_from_session(info).pages
-            elif kind == "xen":
+            if kind == "xen":
                 from remus.xen.savefile import DomainConfig
 
-                max_pages = info.get("max_pages", DEFAULT_MAX_PAGES)
-                if not isinstance(max_pages, int) or max_pages <= 0:
-                    raise UsageError(f"bad max_pages {max_pages!r}")
-                self.max_pages = max_pages
+                info = dict(info)
+                info.setdefault("max_pages", DEFAULT_MAX_PAGES)
                 DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
-            else:
-                raise UsageError(f"unknown domain kind {kind!r}")
+            if self.max_memory is not None:
+                check_capacity(info, self.max_memory)
+            self.max_pages = memory_of(info) // PAGE_SIZE
         except RemusError as exc:  # the reason goes back to the primary
             reason = f"cannot take domain {info.get('domain')!r}: {exc}"
             self.state = State.CLOSED
@@ -247,9 +250,10 @@ class BackupSession:
             raise RemoteProtocolError("the first checkpoint has no domain header")
         if self.kind == "sim" and not any(isinstance(r, SimVcpu) for r in staging.records):
             raise RemoteProtocolError(f"checkpoint {commit.seq} of a simulated domain has no vCPU record")
-        changed = self.image.commit(commit.seq, staging)
+        changed = frozenset(staging.pages)
+        self.image.commit(commit.seq, staging)
         self._staging = None
-        return [Committed(commit.seq, changed), SendBack(Ack(commit.seq))]
+        return [Committed(commit.seq, changed, commit.captured_unix_ms / 1000.0), SendBack(Ack(commit.seq))]
 
 
 def _pages_of(record: PageData) -> list[tuple[int, Optional[bytes]]]:
