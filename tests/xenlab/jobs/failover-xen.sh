@@ -39,7 +39,7 @@ OUTD=$REMUS_LAB_OUT
 EVENTS=$OUTD/failover-events.jsonl
 STATS=$OUTD/failover-stats.jsonl
 CONSOLES="/var/log/xen/console/guest-domu.log /var/log/xen/console/guest-domu--incoming.log"
-KEY=$OUTD/failover.key
+KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
