@@ -15,8 +15,12 @@ Additional options (not in the xm-era remus):
                         FILE
   --ack-timeout=MS      give up on the backup after MS milliseconds without an
                         ack or heartbeat from it (default 5000)
+  --fence=CMD           when the backup is lost, let the domain run on only
+                        after CMD (run by sh) exited 0; else keep it paused
+  --fence-timeout=MS    fail the fence if CMD runs longer than MS milliseconds
+                        (default 30000)
   --key-file=FILE       the key shared with the backup (default
-                        /etc/remus/authkey; make one with remus-keygen)
+                        /etc/remus/authkey; not needed with --blackhole)
   --version             show the version and exit
 """
 
@@ -39,7 +43,9 @@ from remus.errors import UsageError
 from remus.settings import (
     DEFAULT_ACK_TIMEOUT_MS,
     DEFAULT_DESTINATION,
+    DEFAULT_FENCE_TIMEOUT_MS,
     DEFAULT_INTERVAL_MS,
+    DEFAULT_KEY_FILE,
     DEFAULT_PORT,
     Settings,
 )
@@ -188,7 +194,7 @@ def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
 
 
 def _check_value(opt: _Opt, spelled: str, value: str) -> None:
-    if opt.long in ("--interval", "--port", "--ack-timeout"):
+    if opt.long in ("--interval", "--port", "--ack-timeout", "--fence-timeout"):
         _parse_optparse_int(spelled, value)
 
 
@@ -261,6 +267,11 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
                        ignored_zero="-p 0")
     ack_timeout_ms = _int_option(parsed, "--ack-timeout", "--ack-timeout", DEFAULT_ACK_TIMEOUT_MS,
                                  3_600_000, "milliseconds", warnings)
+    fence_timeout_ms = _int_option(parsed, "--fence-timeout", "--fence-timeout", DEFAULT_FENCE_TIMEOUT_MS,
+                                   3_600_000, "milliseconds", warnings)
+    fence = _last(parsed, "--fence")
+    if fence is not None and not fence.strip():
+        raise UsageError("option --fence: the command is empty")
 
     return Settings(
         domain=args[0],
@@ -273,7 +284,9 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
         timer=bool(parsed["--timer"]),
         stats_json=_last(parsed, "--stats-json"),
         ack_timeout_ms=ack_timeout_ms,
-        key_file=_last(parsed, "--key-file"),
+        fence=fence,
+        fence_timeout_ms=fence_timeout_ms,
+        key_file=_last(parsed, "--key-file") or DEFAULT_KEY_FILE,
         warnings=tuple(warnings),
     )
 

@@ -28,6 +28,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._urgent = threading.Event()
         self.reason: Optional[str] = None
 
     def set(self, reason: str) -> None:
@@ -36,8 +37,22 @@ class StopFlag:
             self.reason = reason
         self._event.set()
 
+    def hurry(self, reason: str) -> None:
+        """Request a stop that cuts waits short (a second signal).  Safe in a signal handler.
+
+        Blocking waits that watch ``urgent`` (connecting, waiting for an ack)
+        give up at once; nothing is torn down from here.
+        """
+        self.set(reason)
+        self._urgent.set()
+
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def urgent(self) -> bool:
+        """True once ``hurry`` was called."""
+        return self._urgent.is_set()
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``; True if the flag was set."""

@@ -5,7 +5,8 @@ engine drives it strictly in this order, once per checkpoint::
 
     suspend()  ->  capture()  ->  resume()
 
-and calls ``close()`` exactly once at the end, on every exit path.  Kinds of
+and calls ``close()`` exactly once at the end, on every exit path, after
+``hold()`` when the backup may already run the guest.  Kinds of
 domain live elsewhere (``remus.sim`` for the built-in simulated guest,
 ``remus.xen`` for real Xen domains); ``remus.domains.open_domain`` picks one
 from the command line's domain argument.  This module never touches a guest
@@ -78,8 +79,18 @@ class Domain(Protocol):
     def resume(self) -> None:
         """Let the guest run again.  Raises ``DomainError``."""
 
+    def hold(self) -> str:
+        """The backup may be running this domain: stop the guest where it is (if it runs)
+        and keep it stopped, its output held; ``close`` will then neither resume it nor
+        release its output.  Returns what the guest was left as ("paused", "stopped").
+
+        Raises:
+            RemusError: the guest could not be stopped.
+        """
+
     def close(self) -> None:
-        """End protection: resume the guest if it is suspended, free handles.
+        """End protection: resume the guest if it is suspended (unless ``hold`` was
+        called), free handles.
 
         Never raises for a guest that is merely already running.
         """

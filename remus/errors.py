@@ -52,11 +52,48 @@ class TransportError(RemusError):
 
 
 class BackupLost(TransportError):
-    """The backup stopped answering (EOF, reset, or heartbeat timeout).
+    """The backup stopped answering (EOF, reset, or heartbeat timeout), or ended the session.
 
-    Raised on the primary.  The domain keeps running there but is no longer
-    protected.
+    Raised on the primary.  ``orderly`` is True when the backup itself ended
+    the session with a CLOSE record (it will not take over, so no fencing is
+    needed).  The engine has told the backup CLOSE (best effort) and, unless
+    it raised ``HoldStill`` instead, released the output: the domain runs on
+    there, no longer protected.
     """
+
+    def __init__(self, message: str, *, orderly: bool = False) -> None:
+        super().__init__(message)
+        self.orderly = orderly
+
+
+class Interrupted(TransportError):
+    """A second stop request (SIGINT/SIGTERM) cut a wait short: connecting, the
+    session's acceptance, or a checkpoint's ack.
+
+    Raised on the primary by ``TcpChannel``.  The engine treats it as a stop
+    that cannot wait: it resumes the domain, sends CLOSE, then releases the
+    held output.  It never reaches a user.
+    """
+
+
+class HoldStill(RemusError):
+    """The backup may already be running the domain: the primary must not let it run on.
+
+    Raised on the primary when it was out of contact with its backup for longer
+    than the backup's takeover timeout (it was stalled or stopped, or heard
+    nothing), or when ``--fence`` was given and the fence command did not
+    confirm that the backup is fenced.  The engine then leaves the domain
+    paused (Xen) or stopped (simulated), its output held and the channel
+    aborted.  ``reason`` says what happened; ``since_unix`` is the wall-clock
+    time from which the backup may have been running the domain (0 if
+    unknown).  The remedy: check the backup, then destroy the domain here or
+    unpause it (and clean up its output buffers).
+    """
+
+    def __init__(self, reason: str, since_unix: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.since_unix = since_unix
 
 
 class PrimaryLost(TransportError):

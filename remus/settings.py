@@ -16,6 +16,10 @@ DEFAULT_ACK_TIMEOUT_MS = 5000
 #: ``give-up + TAKEOVER_MARGIN_MS`` of silence from the primary, where give-up is the
 #: primary's --ack-timeout, which the session record carries as ``give_up_ms``.
 TAKEOVER_MARGIN_MS = 2000
+#: The shared key of the link to the backup (issue 8: loaded and used by ``remus.link``).
+DEFAULT_KEY_FILE = "/etc/remus/authkey"
+#: How long ``--fence=CMD`` may run before it counts as failed.
+DEFAULT_FENCE_TIMEOUT_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -32,5 +36,7 @@ class Settings:
     timer: bool = False
     stats_json: Optional[str] = None
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
-    key_file: Optional[str] = None
+    fence: Optional[str] = None
+    fence_timeout_ms: int = DEFAULT_FENCE_TIMEOUT_MS
+    key_file: str = DEFAULT_KEY_FILE
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import threading
 from typing import Callable, Optional, Sequence
 
+from remus.channel import Silence
 from remus.clock import FakeClock, StopFlag
 from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
@@ -45,6 +49,7 @@ class FakeDomain:
         self._suspended = False
         self.seq = 0
         self.closed = False
+        self.held = False
 
     def _call(self, what: str) -> None:
         self.log.append(f"domain.{what}")
@@ -78,6 +83,12 @@ class FakeDomain:
     def resume(self) -> None:
         self._call("resume")
         self._suspended = False
+
+    def hold(self) -> str:
+        self.log.append("domain.hold")
+        self._suspended = True
+        self.held = True
+        return "stopped"
 
     def close(self) -> None:
         self.log.append("domain.close")
@@ -134,7 +145,10 @@ class FakeChannel:
         self.opening = b""
         self.sent: list[EncodedCheckpoint] = []
         self.closed_with: Optional[str] = None
+        self.close_error = False
         self.aborted = False
+        self.confirms = True
+        self.silence: Optional[Silence] = None
 
     def _call(self, what: str, seq: int) -> None:
         self.log.append(f"channel.{what}")
@@ -154,9 +168,15 @@ class FakeChannel:
         self._call("ack", seq)
         self.clock.advance(self.ack_s)
 
-    def close(self, message: str) -> None:
+    def close(self, message: str, *, error: bool = False, timeout_s: float = 2.0) -> bool:
         self.log.append("channel.close")
         self.closed_with = message
+        self.close_error = error
+        return self.confirms
+
+    def out_of_contact(self) -> Optional[Silence]:
+        self.log.append("channel.contact")
+        return self.silence
 
     def abort(self) -> None:
         self.log.append("channel.abort")
@@ -173,7 +193,6 @@ def stop_after(stop: StopFlag, n: int) -> Callable[[object], None]:
     return callback
 
 
-__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "stop_after"]
 
 
 # --------------------------------------------------------------------------- the link (issue 8)
@@ -202,3 +221,127 @@ class Handshake:
         self.initiator.receive_data(self.reply)
         self.finish = self.initiator.data_to_send()
         self.responder.receive_data(self.finish)
+
+
+def write_key_file(directory: "os.PathLike[str] | str", key: bytes = LINK_KEY) -> str:
+    """A key file (mode 0600) holding ``key`` in ``directory``, for commands run by a test."""
+    import os
+
+    path = os.path.join(os.fspath(directory), "authkey")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return path
+
+
+class SealedClient:
+    """A primary's end of an authenticated link, for tests that send hand-made streams."""
+
+    def __init__(self, port: int, key: bytes = LINK_KEY, host: str = "127.0.0.1") -> None:
+        import socket
+
+        from remus.link.blocking import initiate
+
+        self.sock = socket.create_connection((host, port))
+        self.link = initiate(self.sock, key)
+
+    def sendall(self, data: bytes) -> None:
+        self.link.send(self.sock, data)
+
+    def read_all(self) -> bytes:
+        """Everything the receiver sends until it closes, opened."""
+        plain = b""
+        while True:
+            data = self.sock.recv(65536)
+            plain += b"".join(self.link.receive_data(data))
+            if not data:
+                return plain
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "SealedClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["BackupLost", "CallLog", "Fault", "FakeChannel", "FakeDevice", "FakeDomain", "Handshake", "LINK_KEY",
+           "LinkProxy", "SealedClient", "free_loopback_port", "seeded_random", "stop_after", "write_key_file"]
+
+
+# --------------------------------------------------------------------------- loopback plumbing
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LinkProxy:
+    """A TCP proxy on 127.0.0.1 between one client and ``127.0.0.1:target``.
+
+    ``freeze()`` makes it stop forwarding in both directions without closing
+    anything (no FIN, no RST): a link that silently stops.  Until then, an EOF
+    from one side is passed on as a half-close to the other.  ``close()`` ends it.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = int(self.listener.getsockname()[1])
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="link-proxy", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        self._socks += [client, server]
+        for src, dst in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                self.closed.wait(0.05)
+                continue
+            try:
+                readable, _, _ = select.select([src], [], [], 0.05)
+                if not readable or self.frozen.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for s in self._socks:
+            s.close()

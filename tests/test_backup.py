@@ -40,7 +40,7 @@ class SyntheticPrimary:
         self.digests: list[bytes] = [b""]  # digests[seq]
         self.counter = 0
         spec = SimSpec("t", memory=PAGES * PAGE_SIZE)
-        self.opening = session_header({"domain": "t", "kind": "sim", "sim": spec.to_dict()})
+        self.opening = session_header({"domain": "t", "kind": "sim", "sim": spec.to_dict(), "give_up_ms": 200})
         self.commit_ends: list[int] = [len(self.opening)]  # stream offset after each COMMIT
         self.stream = bytearray(self.opening)
 
@@ -61,7 +61,7 @@ class SyntheticPrimary:
             records.append(PageData(tuple(chunk), tuple(
                 bytes(self.memory[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]) for p in chunk)))
         records += [SimVcpu(self.counter, seq, seq, digest), Checkpoint()]
-        encoded = self.encoder.encode(seq, records)
+        encoded = self.encoder.encode(seq, records, captured_unix=1_700_000_000.0 + seq)
         for chunk in encoded.chunks:
             self.stream += chunk
         self.commit_ends.append(len(self.stream))

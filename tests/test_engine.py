@@ -8,7 +8,8 @@ import pytest
 
 from remus.clock import FakeClock, StopFlag
 from remus.engine import Engine
-from remus.errors import BackupLost, CheckpointError, DomainError
+from remus.channel import Silence
+from remus.errors import BackupLost, CheckpointError, DomainError, HoldStill, Interrupted
 from remus.stats import CheckpointStats
 from tests.helpers import CallLog, FakeChannel, FakeDevice, FakeDomain, Fault, stop_after
 
@@ -16,12 +17,14 @@ PER_CHECKPOINT = [
     "domain.suspend",
     "disk.postsuspend",
     "nic.postsuspend",
+    "channel.contact",
     "domain.capture",
     "disk.preresume",
     "nic.preresume",
     "domain.resume",
     "channel.send",
     "channel.ack",
+    "channel.contact",
     "disk.commit",
     "nic.commit",
 ]
@@ -66,10 +69,11 @@ def test_callback_order_per_checkpoint() -> None:
     assert log[:3] == ["disk.install", "nic.install", "channel.open"]
     body = log[3 : 3 + 3 * len(PER_CHECKPOINT)]
     assert body == PER_CHECKPOINT * 3
-    assert log[3 + 3 * len(PER_CHECKPOINT) :] == ["channel.close", "disk.release", "nic.release"]
+    assert log[3 + 3 * len(PER_CHECKPOINT) :] == ["channel.contact", "channel.close", "disk.release",
+                                                  "nic.release", "channel.abort"]
     assert [s.seq for s in seen] == [1, 2, 3]
     assert not domain.suspended
-    assert channel.closed_with is not None and not channel.aborted
+    assert channel.closed_with == "primary stopped: test" and not channel.close_error
 
 
 def test_checkpoints_are_framed_with_sequence_numbers() -> None:
@@ -162,7 +166,9 @@ def test_exception_from_each_callback_leaves_domain_running_and_buffers_released
         assert info.value.__cause__ is exc
     assert not domain.suspended, "the domain must be running after any failure"
     assert all(d.released == 1 for d in devices), "every output buffer must be released"
-    assert channel.aborted and channel.closed_with is None
+    # The backup was told (CLOSE, reason ERROR) before anything was released.
+    assert channel.close_error and channel.aborted
+    assert log.index("channel.close") < log.index("disk.release")
     assert [s.seq for s in seen] == [1]
     # Every successful suspend was followed by a resume (a failed resume is retried).
     suspends = len(log.only("domain.suspend")) - (phase == "suspend")
@@ -197,3 +203,115 @@ def test_interval_must_be_positive() -> None:
     log, clock = CallLog(), FakeClock()
     with pytest.raises(ValueError):
         Engine(FakeDomain(log, clock), FakeChannel(log, clock), interval_ms=0)
+
+
+# --------------------------------------------------------------------------- endings (issue 9)
+
+
+def released_at(log: list[str]) -> int:
+    return log.index("disk.release")
+
+
+def test_second_stop_request_cuts_the_ack_wait_and_still_resumes_closes_then_releases() -> None:
+    fault = Fault("channel.ack", Interrupted("stopped while waiting for the backup"), seq=2)
+    engine, log, _clock, domain, devices, channel, seen = make(checkpoints=5, channel_fault=fault)
+    engine.stop.hurry("SIGINT")  # what the second SIGINT does; the ack wait raises Interrupted
+    engine.stop = StopFlag()  # let checkpoints 1 and 2 start (the flag was only needed above)
+    result = engine.run()
+    assert result.stop_reason == "requested"
+    assert [s.seq for s in seen] == [1]
+    tail = log[log.index("channel.ack", len(PER_CHECKPOINT)) + 1:]
+    assert tail == ["channel.contact", "channel.close", "disk.release", "nic.release", "channel.abort"]
+    assert not channel.close_error and not domain.suspended
+
+
+def test_interrupted_while_suspended_resumes_before_close() -> None:
+    engine, log, _clock, domain, _devices, channel, _seen = make(checkpoints=5)
+
+    def cut(what: str, seq: int) -> None:
+        if what == "capture" and seq == 2:
+            raise Interrupted("stopped")
+
+    domain.on_call = cut
+    engine.run()
+    assert log.index("domain.resume", log.index("domain.capture", 10)) < log.index("channel.close")
+    assert log.index("channel.close") < released_at(log)
+    assert not domain.suspended and channel.closed_with is not None
+
+
+@pytest.mark.parametrize("where", ["after-suspend", "after-ack"])
+def test_out_of_contact_holds_still_nothing_resumed_nothing_released(where: str) -> None:
+    engine, log, _clock, domain, devices, channel, seen = make(checkpoints=5)
+    hit = {"after-suspend": "nic.postsuspend", "after-ack": "channel.ack"}[where]
+
+    original = channel.out_of_contact
+
+    def out_of_contact() -> Optional[Silence]:
+        silence = original()
+        if domain.seq == 2 and log[-2] == hit:
+            return Silence("nothing was heard from the backup for 9.0 s", 1234.0)
+        return silence
+
+    channel.out_of_contact = out_of_contact  # type: ignore[method-assign]
+    with pytest.raises(HoldStill) as info:
+        engine.run()
+    assert info.value.since_unix == 1234.0 and "9.0 s" in str(info.value)
+    assert domain.held and domain.suspended
+    assert all(d.released == 0 for d in devices), "held output must stay held"
+    assert channel.closed_with is None and channel.aborted
+    second = [i for i, c in enumerate(log) if c == "domain.suspend"][1]
+    after = log[second:]
+    assert after[-2:] == ["domain.hold", "channel.abort"]
+    assert ("domain.resume" in after) == (where == "after-ack")  # never resumed once silence was seen
+    assert not any(c.endswith(".commit") for c in after)
+    assert [s.seq for s in seen] == [1]
+
+
+def test_silence_at_the_end_holds_still_instead_of_closing() -> None:
+    engine, log, _clock, domain, devices, channel, _seen = make(checkpoints=2)
+    engine._on_checkpoint = lambda stats: (engine.stop.set("SIGINT"),  # type: ignore[assignment]
+                                           setattr(channel, "silence", Silence("stalled", 1.0)))
+    with pytest.raises(HoldStill):
+        engine.run()
+    assert "channel.close" not in log and all(d.released == 0 for d in devices) and domain.held
+
+
+@pytest.mark.parametrize("orderly", [False, True], ids=["lost", "closed-by-backup"])
+def test_backup_lost_closes_best_effort_then_fences_before_release(orderly: bool) -> None:
+    fault = Fault("channel.ack", BackupLost("no ack", orderly=orderly), seq=2)
+    engine, log, _clock, domain, devices, channel, _seen = make(checkpoints=5, channel_fault=fault)
+    channel.confirms = False
+    fenced: list[str] = []
+    engine._fence = lambda reason: (fenced.append(reason), log.append("fence"))  # type: ignore[assignment]
+    with pytest.raises(BackupLost):
+        engine.run()
+    assert channel.close_error
+    if orderly:  # the backup ended the session itself: it will not take over, no fence
+        assert fenced == []
+    else:
+        assert fenced == ["no ack"]
+        assert log.index("channel.close") < log.index("fence") < released_at(log)
+    assert all(d.released == 1 for d in devices) and not domain.held
+
+
+def test_failed_fence_holds_still() -> None:
+    fault = Fault("channel.ack", BackupLost("no ack"), seq=2)
+    engine, log, _clock, domain, devices, channel, _seen = make(checkpoints=5, channel_fault=fault)
+    channel.confirms = False
+
+    def fence(reason: str) -> None:
+        raise HoldStill("not fenced")
+
+    engine._fence = fence
+    with pytest.raises(HoldStill) as info:
+        engine.run()
+    assert isinstance(info.value.__cause__, BackupLost)
+    assert domain.held and all(d.released == 0 for d in devices) and channel.aborted
+
+
+def test_unconfirmed_orderly_stop_without_fence_releases_and_says_so() -> None:
+    engine, log, _clock, _domain, devices, channel, _seen = make(checkpoints=2)
+    channel.confirms = False
+    engine.run()
+    assert engine.close_confirmed is False
+    assert all(d.released == 1 for d in devices)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from remus.backup.session import BackupSession
+from tests.helpers import write_key_file
 from tests.test_transport import ROOT, ReceiverThread
 
 RUNS = int(os.environ.get("REMUS_FAULT_RUNS", "50"))
@@ -64,7 +65,7 @@ def one_run(run: int, tmp: Path) -> dict[str, Any]:
             proc.send_signal(signal.SIGKILL)
             state["killed_in"] = session.image.seq + 1
 
-    backup = ReceiverThread(heartbeat_timeout_s=3.0, on_progress=on_progress)
+    backup = ReceiverThread(takeover_timeout_s=3.0, on_progress=on_progress)
     if mid_checkpoint:
         # Checkpoints of several MiB, uncompressed: larger than the socket buffers, so a kill
         # while one arrives usually leaves part of it unsent.
@@ -75,6 +76,7 @@ def one_run(run: int, tmp: Path) -> dict[str, Any]:
         args = ["-i", str(rng.choice([10, 20, 40]))]
     args += ["--stats-json", str(stats)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args += ["--key-file", write_key_file(tmp)]
     primary = subprocess.Popen([sys.executable, "-m", "remus.cli", *args, spec, "127.0.0.1", "-p",
                                 str(backup.port)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -137,7 +139,7 @@ def test_sigkill_at_random_moments_never_breaks_the_promise(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("when", ["before-first-checkpoint"])
 def test_kill_before_the_first_checkpoint_activates_nothing(tmp_path: Path, when: str) -> None:
-    backup = ReceiverThread(heartbeat_timeout_s=3.0)
+    backup = ReceiverThread(takeover_timeout_s=3.0)
     state: dict[str, Any] = {}
 
     def on_progress(session: BackupSession) -> None:
@@ -149,7 +151,8 @@ def test_kill_before_the_first_checkpoint_activates_nothing(tmp_path: Path, when
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "out"
     state["proc"] = subprocess.Popen(
-        [sys.executable, "-m", "remus.cli", "--no-compression", f"sim:k,memory=16M,output={out}", "127.0.0.1",
+        [sys.executable, "-m", "remus.cli", "--no-compression", "--key-file", write_key_file(tmp_path),
+         f"sim:k,memory=16M,output={out}", "127.0.0.1",
          "-p", str(backup.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state["proc"].wait(timeout=30)
     event = backup.wait_event("activated", "nothing-to-activate", "activation-failed")

@@ -13,6 +13,7 @@ from remus.errors import ActivationError
 from remus.backup.image import Image
 from remus.stream.codec import encode_record
 from remus.stream.records import Close, CloseReason
+from tests.helpers import SealedClient
 from tests.test_transport import ReceiverThread
 from tests.xen_stream import CONFIG, STATE_TYPES, xen_session
 
@@ -30,7 +31,7 @@ class FakeRestorer:
 
 
 def send_and_drop(port: int, data: bytes, backup: ReceiverThread, commits: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with SealedClient(port) as sock:
         sock.sendall(data)
         # Stay connected until the receiver committed everything (see test_transport).
         deadline = time.monotonic() + 15
@@ -73,15 +74,10 @@ def test_a_xen_session_without_a_usable_config_is_refused_at_once(config: Any) -
     restorer = FakeRestorer()
     backup = ReceiverThread(restore_xen=restorer)
     stream, _guest = xen_session(0, config=config)
-    with socket.create_connection(("127.0.0.1", backup.port)) as sock:
+    with SealedClient(backup.port) as sock:
         sock.sendall(stream)
         event = backup.wait_event("refused")
-        reply = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            reply += data
+        reply = sock.read_all()
     assert "cannot take domain 'domu'" in event["reason"]
     assert "libxl configuration" in event["reason"] or "names no domain" in event["reason"]
     assert encode_record(Close(CloseReason.REFUSED, event["reason"])) in reply

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_key_file
 from tests.test_transport import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -34,16 +35,29 @@ def guest_pids() -> set[int]:
     return pids
 
 
+def children_of(pid: int) -> set[int]:
+    """The simulated guests ``pid`` started (and that still run)."""
+    found = set()
+    for guest in guest_pids():
+        try:
+            if f"PPid:\t{pid}\n" in Path(f"/proc/{guest}/status").read_text():
+                found.add(guest)
+        except OSError:
+            continue
+    return found
+
+
 def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_path: Path) -> None:
-    before = guest_pids()
     stats = tmp_path / "stats.json"
     pid, fd = pty.fork()
     if pid == 0:  # the child: remus on a terminal
         os.execvpe(sys.executable, [sys.executable, "-m", "remus.cli", "--blackhole", "-i", "50",
                                     "--stats-json", str(stats), "sim:demo"], ENV)
     output = b""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    ours: set[int] = set()
+    while time.monotonic() < deadline and (not stats.exists() or stats.read_text().count("\n") < 12):
+        ours |= children_of(pid)
         if select.select([fd], [], [], 0.1)[0]:
             try:
                 output += os.read(fd, 65536)
@@ -65,7 +79,8 @@ def test_blackhole_on_a_terminal_shows_live_statistics_and_ctrl_c_exits_0(tmp_pa
     assert re.search(r"remus: sim:demo: \d+ checkpoints in [\d.]+ s", text), text
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["checkpoints"] == len(lines) - 1 >= 10
-    assert guest_pids() <= before, "the simulated guest must not outlive remus"
+    assert ours, "the simulated guest was never seen"
+    assert not ours & guest_pids(), "the simulated guest must not outlive remus"
 
 
 def test_not_on_a_terminal_prints_only_the_summary_and_sigterm_exits_0(tmp_path: Path) -> None:
@@ -80,7 +95,10 @@ def test_not_on_a_terminal_prints_only_the_summary_and_sigterm_exits_0(tmp_path:
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert stdout == "*** signalled ***\n"  # as the xm-era remus printed
-    assert stderr.startswith("remus: sim:quiet: ") and len(stderr.splitlines()) == 3, stderr
+    assert stderr.startswith("remus: sim:quiet: ") and len(stderr.splitlines()) == 4, stderr
+    # The last line says what became of the domain: a simulated guest never outlives remus.
+    assert stderr.splitlines()[-1] == ("remus: stopped (SIGTERM); the simulated guest quiet ends with remus, "
+                                       "its output released")
     assert "\r" not in stderr
 
 
@@ -92,7 +110,8 @@ def test_unknown_xen_domain_on_a_machine_without_xen_is_one_clear_line() -> None
     assert len(done.stderr.splitlines()) == 1 and "somedomain" in done.stderr, done.stderr
 
 
-def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
     # With --blackhole no backup will restore the domain: a Xen domain's libxl configuration
     # (xl list -l) is not read, so neither xl nor that configuration is needed.
     import remus.xen
@@ -108,5 +127,112 @@ def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: py
 
     monkeypatch.setattr(remus.xen, "open_xen_domain", fake_open)
     assert run(parse(["--blackhole", "guest"])) == 1
-    assert run(parse(["guest", "backuphost"])) == 1
+    assert run(parse(["--key-file", write_key_file(tmp_path), "guest", "backuphost"])) == 1
     assert asked == [False, True]
+
+
+# --------------------------------------------------------------------------- stops during startup (issue 9)
+
+
+def start_receiver(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    from tests.helpers import free_loopback_port
+
+    port = free_loopback_port()
+    events = tmp_path / "events"
+    receiver = subprocess.Popen([sys.executable, str(ROOT / "bin" / "remus-receiver"), "--listen", "127.0.0.1",
+                                 "--port", str(port), "--events-json", str(events), "--once",
+                                 "--key-file", write_key_file(tmp_path), "--control", str(tmp_path / "ctl")],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while "listening" not in (events.read_text() if events.exists() else ""):
+        assert time.monotonic() < deadline and receiver.poll() is None
+        time.sleep(0.02)
+    return receiver, port, events
+
+
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"]], ids=["one", "two", "term"])
+def test_a_stop_during_the_first_checkpoint_is_an_orderly_close(tmp_path: Path, signals: list[str]) -> None:
+    receiver, port, events = start_receiver(tmp_path)
+    out = tmp_path / "out"
+    try:
+        # A first checkpoint of 48 MiB, uncompressed: the stop lands while it is on its way.
+        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--no-compression",
+                                    "--key-file", write_key_file(tmp_path), f"sim:big,memory=48M,packet_rate=200,output={out}", "127.0.0.1", "-p",
+                                    str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while '"session"' not in events.read_text():
+            assert time.monotonic() < deadline and primary.poll() is None
+            time.sleep(0.01)
+        for name in signals:
+            primary.send_signal(getattr(signal, name))
+            time.sleep(0.05)  # two separate keypresses
+        _stdout, stderr = primary.communicate(timeout=60)
+        assert receiver.wait(timeout=30) == 0
+    finally:
+        for proc in (receiver,):
+            if proc.poll() is None:
+                proc.kill()
+    assert primary.returncode == 0, stderr
+    kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert "closed" in kinds and "activated" not in kinds, kinds
+    assert stderr.splitlines()[-1].startswith(f"remus: stopped ({signals[0]}); the backup confirmed the end "
+                                              "of the session; the simulated guest big ends with remus")
+
+
+def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for s in fillers:  # a full accept queue: further SYNs are dropped, connect() hangs
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    try:
+        primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--key-file", write_key_file(tmp_path),
+                                    "sim:c,memory=2M", "127.0.0.1", "-p",
+                                    str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        guest_started = time.monotonic() + 30
+        while not any(pid for pid in guest_pids() if Path(f"/proc/{pid}/status").exists()
+                      and f"PPid:\t{primary.pid}" in Path(f"/proc/{pid}/status").read_text()):
+            assert time.monotonic() < guest_started and primary.poll() is None
+            time.sleep(0.02)
+        primary.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _stdout, stderr = primary.communicate(timeout=30)
+        assert time.monotonic() - started < 5  # not the 10 s connect timeout
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+    assert primary.returncode == 0, stderr
+    assert stderr.splitlines()[-1] == ("remus: stopped (SIGINT); no session with the backup had begun; "
+                                       "the simulated guest c ends with remus, its output released"), stderr
+
+
+def test_a_stop_while_opening_the_domain_protects_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import remus.run
+    from remus.cli import parse
+    from remus.sim.domain import SimulatedDomain
+    from remus.sim.spec import parse_sim_spec
+
+    opened: list[SimulatedDomain] = []
+
+    def open_slowly(spec: str, *, for_backup: bool = True) -> SimulatedDomain:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the domain is being opened
+        opened.append(SimulatedDomain(parse_sim_spec(spec)))
+        return opened[0]
+
+    monkeypatch.setattr(remus.run, "open_domain", open_slowly)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        key_file = write_key_file(tmp_path)
+        assert remus.run.run(parse(["--key-file", key_file, "sim:o,memory=2M", "127.0.0.1", "-p", "1"])) == 0
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert capsys.readouterr().err == ("remus: stopped (SIGINT) before protection began; "
+                                       "the simulated guest o ends with remus\n")
+    assert opened[0].pid is None  # closed: the guest is gone

@@ -99,6 +99,6 @@ def xen_session(checkpoints: int, config: object = CONFIG, compression: bool = T
     encoder = CheckpointEncoder(compression, cache_pages=16)
     for _ in range(checkpoints):
         records = guest.checkpoint()
-        for chunk in encoder.encode(guest.seq, records).chunks:
+        for chunk in encoder.encode(guest.seq, records, captured_unix=1_700_000_000.0 + guest.seq).chunks:
             stream += chunk
     return bytes(stream), guest

@@ -1,5 +1,5 @@
 """Usage:
-  remus-receiver [options]
+  remus-receiver [options] [--control=SOCK]
   remus-receiver status [--control=SOCK] [--json]
   remus-receiver activate <domain> [--control=SOCK]
   remus-receiver (-h | --help | --version)
@@ -90,8 +90,8 @@ def _docopt(argv: Sequence[str]) -> dict[str, Any]:
         if arg == "--version":
             raise SystemExit(f"{PROG} {__version__}")
     try:
-        return dict(docopt(HELP, list(argv), help=False))
-    except SystemExit as exc:
+        return dict(docopt(HELP, list(argv), False))
+    except SystemExit:
         raise UsageError(_why(argv)) from None
 
 

@@ -46,19 +46,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
-import ipaddress
 import logging
 import os
-import re
 import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from remus.backup.activation import HotStarter, Standby, XenRestorer, default_max_memory, open_standby
+from remus.backup.activation import HotStarter, XenRestorer, default_max_memory, open_standby
 from remus.backup.control import ControlSocket
+from remus.backup.listening import address_only, close_quietly, hosts_allow_matcher, listen_socket, peer_host
+from remus.backup.peers import SEND_TIMEOUT_S, Heartbeats, Held, Live, Outcome, Pending, Running, SealedOut
 from remus.backup.session import (
     BackupSession,
     ClosedByPrimary,
@@ -70,13 +69,13 @@ from remus.backup.session import (
     StreamEnded,
 )
 from remus.clock import StopFlag
-from remus.errors import RemoteProtocolError, RemusError, TransportError
+from remus.errors import RemoteProtocolError, RemusError
 from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
 from remus.stream.codec import encode_record
-from remus.stream.records import Accept, Close, CloseReason, Heartbeat
-from remus.transport import HEARTBEAT_INTERVAL_S, display_address, tune
+from remus.stream.records import Accept, Close, CloseReason, StreamHeader
+from remus.transport import display_address, tune
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,6 @@ MAX_PENDING = 8
 HANDSHAKE_TIMEOUT_S = 5.0
 #: A failed fence command is tried again after this long.
 FENCE_RETRY_S = 10.0
-#: A write to a primary that takes longer than this ends its session (it stopped reading).
-SEND_TIMEOUT_S = 2.0
 #: ``activate`` refuses while the primary was heard this recently: it is alive.
 ALIVE_WITHIN_S = 1.0
 
@@ -102,215 +99,6 @@ class Phase(enum.Enum):
     FENCING = "fencing"
     HOLDING = "holding"
     ACTIVE = "active"
-
-
-# --------------------------------------------------------------------------- hosts-allow
-
-
-def hosts_allow_matcher(patterns: Optional[str]) -> Callable[[str], bool]:
-    """Like xend-relocation-hosts-allow: space-separated regular expressions, each
-    matched against the whole address of the connecting primary or, only when the
-    address does not match, against its host name, which must be forward-confirmed
-    (the name's addresses include the peer's).  The name lookup blocks: the server
-    runs it off its loop.
-
-    Raises:
-        re.error: a pattern is not a valid regular expression.
-    """
-    if not patterns:
-        return lambda host: True
-    compiled = [re.compile(p) for p in patterns.split()]
-
-    def allowed(addr: str) -> bool:
-        if any(rx.fullmatch(addr) for rx in compiled):
-            return True
-        name = confirmed_name(addr)
-        return name is not None and any(rx.fullmatch(name) for rx in compiled)
-
-    return allowed
-
-
-def confirmed_name(addr: str) -> Optional[str]:
-    """The reverse name of ``addr`` if that name resolves back to ``addr``; else None."""
-    try:
-        name = socket.gethostbyaddr(addr)[0]
-        forward = {info[4][0] for info in socket.getaddrinfo(name, None)}
-    except OSError:
-        return None
-    return name if addr in {peer_host((a,)) for a in forward} else None
-
-
-def address_only(patterns: Optional[str]) -> Callable[[str], Optional[bool]]:
-    """The part of hosts-allow that needs no lookup: True/False when the address
-    decides, None when only a name lookup could (some pattern may match a name)."""
-    if not patterns:
-        return lambda host: True
-    compiled = [re.compile(p) for p in patterns.split()]
-    return lambda host: True if any(rx.fullmatch(host) for rx in compiled) else None
-
-
-# --------------------------------------------------------------------------- sockets
-
-
-def listen_socket(address: Optional[str], port: int) -> socket.socket:
-    """A listening socket on ``address:port`` (default: every IPv6 and IPv4 address).
-
-    Raises:
-        TransportError: the port is taken, the address is not local, and the like.
-    """
-    where = display_address(address or "*", port)
-    try:
-        if address is None:
-            try:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                bind_to: Any = ("::", port)
-            except OSError:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                bind_to = ("0.0.0.0", port)
-        else:
-            family, kind, proto, _name, bind_to = socket.getaddrinfo(
-                address.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(bind_to)
-        sock.listen(16)
-        sock.setblocking(False)
-        return sock
-    except socket.gaierror as exc:
-        raise TransportError(f"cannot listen on {where}: {exc.strerror}") from None
-    except OSError as exc:
-        if exc.errno == 98:
-            raise TransportError(f"cannot listen on {where}: the port is already in use") from None
-        raise TransportError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-
-def peer_host(addr: Any) -> str:
-    host = str(addr[0])
-    try:
-        mapped = ipaddress.ip_address(host)
-        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped:
-            return str(mapped.ipv4_mapped)
-    except ValueError:
-        pass
-    return host
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-# --------------------------------------------------------------------------- connections
-
-
-@dataclass
-class _Pending:
-    """A stranger: connected, not yet authenticated."""
-
-    sock: socket.socket
-    host: str
-    responder: Responder
-    deadline: float
-    allowed: Optional[bool]
-    lookup: Optional["concurrent.futures.Future[bool]"] = None
-
-
-class _SealedOut:
-    """``send(bytes)`` for the heartbeat thread and the loop: sealed, under the link's lock."""
-
-    def __init__(self, sock: socket.socket, link: SealedLink) -> None:
-        self.sock = sock
-        self.link = link
-
-    def send(self, data: bytes) -> None:
-        self.link.send(self.sock, data)
-
-
-class _Heartbeats:
-    """HEARTBEAT records every ``interval_s`` until stopped or the socket fails."""
-
-    def __init__(self, out: _SealedOut, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
-        self._out = out
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="remus-backup-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=SEND_TIMEOUT_S + 1)
-
-    def _run(self) -> None:
-        count = 0
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._out.send(encode_record(Heartbeat(count)))
-            except OSError:
-                return
-            count += 1
-
-
-@dataclass
-class _Live:
-    """The authenticated primary being served."""
-
-    sock: socket.socket
-    host: str
-    link: SealedLink
-    session: BackupSession
-    out: _SealedOut
-    heartbeats: _Heartbeats
-    last_heard: float
-    takeover_s: float = 0.0
-    name: str = "?"
-    standby: Optional[Standby] = None
-    #: Local monotonic time of the last commit, and the primary's wall clock of its capture.
-    commit_mono: float = 0.0
-    commit_captured: float = 0.0
-
-
-@dataclass
-class _Held:
-    """A lost primary's last committed checkpoint, waiting for fencing or ``activate``."""
-
-    name: str
-    host: str
-    session: BackupSession
-    standby: Standby
-    reason: str
-    lost_at: float
-    commit_mono: float
-    commit_captured: float
-    fence_thread: Optional[threading.Thread] = None
-    fence_result: Any = None
-    fence_not_before: float = 0.0
-    fence_tries: int = 0
-
-
-@dataclass
-class _Running:
-    """A domain this receiver activated (a simulated guest runs inside this process)."""
-
-    name: str
-    standby: Standby
-    since_unix: float
-    seq: int
-
-
-@dataclass
-class _Outcome:
-    """What ``serve`` should do after a session ended (``once``)."""
-
-    status: Optional[int] = None
-    run_until_stopped: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the receiver
@@ -366,11 +154,11 @@ class Receiver:
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
         self._control: Optional[ControlSocket] = None
-        self._pending: list[_Pending] = []
-        self._live: Optional[_Live] = None
-        self._held: Optional[_Held] = None
-        self._running: dict[str, _Running] = {}
-        self._outcome = _Outcome()
+        self._pending: list[Pending] = []
+        self._live: Optional[Live] = None
+        self._held: Optional[Held] = None
+        self._running: dict[str, Running] = {}
+        self._outcome = Outcome()
         self._lookups: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- public ------------------------------------------------------------------------
@@ -481,16 +269,13 @@ class Receiver:
         if len(self._pending) >= MAX_PENDING:
             oldest = self._pending.pop(0)
             log.info("dropping the oldest unauthenticated connection (from %s)", oldest.host)
-            _close(oldest.sock)
-        self._pending.append(_Pending(sock, host, Responder(self.key), time.monotonic() + HANDSHAKE_TIMEOUT_S,
+            close_quietly(oldest.sock)
+        self._pending.append(Pending(sock, host, Responder(self.key), time.monotonic() + HANDSHAKE_TIMEOUT_S,
                                       allowed, lookup))
 
-    def _advance(self, pending: _Pending, readable: bool) -> None:
+    def _advance(self, pending: Pending, readable: bool) -> None:
         if pending.allowed is None and pending.lookup is not None and pending.lookup.done():
             pending.allowed = bool(pending.lookup.result())
-        if pending.allowed is False:
-            self._drop_pending(pending, f"host {pending.host} is not allowed by --hosts-allow")
-            return
         if readable:
             try:
                 data = pending.sock.recv(max(1, pending.responder.bytes_needed) or 1)
@@ -514,48 +299,57 @@ class Receiver:
                 if not data and not pending.responder.done:
                     self._drop_pending(pending, "closed before authenticating", quiet=True)
                     return
-        if pending.responder.done and pending.allowed:
+        if pending.responder.done and pending.allowed is not None:
+            # A peer not allowed by hosts-allow hears why only once it proved it holds the key.
             self._pending.remove(pending)
             self._authenticated(pending)
         elif time.monotonic() > pending.deadline:
             self._drop_pending(pending, f"no authentication within {HANDSHAKE_TIMEOUT_S:.0f} s")
 
-    def _drop_pending(self, pending: _Pending, reason: str, quiet: bool = False) -> None:
+    def _drop_pending(self, pending: Pending, reason: str, quiet: bool = False) -> None:
         if pending in self._pending:
             self._pending.remove(pending)
-        _close(pending.sock)
+        close_quietly(pending.sock)
         if not quiet:
             self.say(f"rejected a connection from {pending.host}: {reason}")
             self.on_event({"event": "rejected", "peer": pending.host, "reason": reason})
 
-    def _authenticated(self, pending: _Pending) -> None:
+    def _authenticated(self, pending: Pending) -> None:
         sock = pending.sock
         sock.setblocking(True)
         sock.settimeout(SEND_TIMEOUT_S)
         tune(sock)
         link = SealedLink.from_keys(pending.responder.result, pending.responder.unused_data)
-        out = _SealedOut(sock, link)
+        out = SealedOut(sock, link)
+        if not pending.allowed:
+            self._refuse_connection(sock, out, pending.host, f"host {pending.host} is not allowed by --hosts-allow")
+            return
         if self._live is not None:
             reason = f"this receiver is busy protecting {self._live.name} from {self._live.host}"
             self._refuse_connection(sock, out, pending.host, reason)
             return
+        try:
+            out.send(StreamHeader().encode())
+        except OSError:
+            close_quietly(sock)
+            return
         session = BackupSession(self.max_memory)
-        heartbeats = _Heartbeats(out)
-        self._live = _Live(sock, pending.host, link, session, out, heartbeats, time.monotonic())
+        heartbeats = Heartbeats(out)
+        self._live = Live(sock, pending.host, link, session, out, heartbeats, time.monotonic())
         heartbeats.start()
 
-    def _refuse_connection(self, sock: socket.socket, out: _SealedOut, host: str, reason: str) -> None:
+    def _refuse_connection(self, sock: socket.socket, out: SealedOut, host: str, reason: str) -> None:
         self.say(f"refused a session from {host}: {reason}")
         self.on_event({"event": "refused", "peer": host, "reason": reason})
         try:
-            out.send(encode_record(Close(CloseReason.REFUSED, reason)))
+            out.send(StreamHeader().encode() + encode_record(Close(CloseReason.REFUSED, reason)))
             out.link.send_final(sock)
         except OSError:
             pass
-        _close(sock)
+        close_quietly(sock)
 
     # -- the live session ------------------------------------------------------------------
-    def _serve_live(self, live: _Live, readable: bool) -> None:
+    def _serve_live(self, live: Live, readable: bool) -> None:
         if readable:
             try:
                 data = live.sock.recv(_RECV_BYTES)
@@ -576,7 +370,7 @@ class Receiver:
         elif quiet > HANDSHAKE_TIMEOUT_S:
             self._broken(live, f"no session record within {HANDSHAKE_TIMEOUT_S:.0f} s")
 
-    def _feed(self, live: _Live, data: bytes) -> None:
+    def _feed(self, live: Live, data: bytes) -> None:
         """Open the sealed frames in ``data`` (``b""``: EOF) and feed their plaintext on."""
         try:
             plaintexts = live.link.receive_data(data)
@@ -591,7 +385,7 @@ class Receiver:
         if not data:
             self._feed_session(live, b"")
 
-    def _feed_session(self, live: _Live, plain: bytes) -> bool:
+    def _feed_session(self, live: Live, plain: bytes) -> bool:
         """Feed plaintext (``b""``: EOF) to the session; False once the session ended."""
         try:
             outputs = live.session.receive_data(plain)
@@ -605,7 +399,7 @@ class Receiver:
             self.on_progress(live.session)
         return True
 
-    def _on_output(self, live: _Live, output: object) -> bool:
+    def _on_output(self, live: Live, output: object) -> bool:
         if isinstance(output, SendBack):
             try:
                 live.out.send(encode_record(output.record))
@@ -637,7 +431,7 @@ class Receiver:
             return False
         return True
 
-    def _opened(self, live: _Live, info: Mapping[str, Any]) -> bool:
+    def _opened(self, live: Live, info: Mapping[str, Any]) -> bool:
         name = f"{info['kind']}:{info['domain']}"
         live.name = name
         give_up_ms = info.get("give_up_ms", DEFAULT_ACK_TIMEOUT_MS)
@@ -677,7 +471,7 @@ class Receiver:
             return False
         return True
 
-    def _refuse_live(self, live: _Live, reason: str) -> bool:
+    def _refuse_live(self, live: Live, reason: str) -> bool:
         self.say(f"refused a session from {live.host}: {reason}")
         self.on_event({"event": "refused", "peer": live.host, "reason": reason})
         try:
@@ -688,18 +482,18 @@ class Receiver:
         return False
 
     # -- how a session ends ---------------------------------------------------------------
-    def _end_live(self, live: _Live, send_final: bool = False) -> None:
+    def _end_live(self, live: Live, send_final: bool = False) -> None:
         live.heartbeats.stop()
         if send_final:
             try:
                 live.link.send_final(live.sock)
             except OSError:
                 pass
-        _close(live.sock)
+        close_quietly(live.sock)
         if self._live is live:
             self._live = None
 
-    def _closed(self, live: _Live, message: str) -> None:
+    def _closed(self, live: Live, message: str) -> None:
         self.say(f"{live.name}: session closed by the primary ({message or 'no reason'}); "
                  f"last checkpoint {live.session.image.seq}; nothing activated")
         self.on_event({"event": "closed", "domain": live.name, "seq": live.session.image.seq,
@@ -710,7 +504,7 @@ class Receiver:
         if self.once:
             self._outcome.status = 0
 
-    def _broken(self, live: _Live, reason: str) -> None:
+    def _broken(self, live: Live, reason: str) -> None:
         seq = live.session.image.seq
         self.say(f"session from {live.host} broken: {reason}; {live.name if live.name != '?' else 'nothing'} "
                  f"not activated (checkpoint {seq} dropped)")
@@ -721,11 +515,12 @@ class Receiver:
         if self.once and live.session.state is not State.HEADER:
             self._outcome.status = 1
 
-    def _lost(self, live: _Live, reason: str) -> None:
+    def _lost(self, live: Live, reason: str) -> None:
         self._end_live(live)
         session = live.session
         if session.state in (State.HEADER, State.SESSION) or live.standby is None:
             self.say(f"connection from {live.host} ended before opening a session: {reason}")
+            self.on_event({"event": "no-session", "peer": live.host, "reason": reason})
             return
         if session.image.seq == 0:
             self.say(f"primary lost ({reason}); no complete checkpoint of {live.name} was received: "
@@ -735,7 +530,7 @@ class Receiver:
             if self.once:
                 self._outcome.status = 1
             return
-        self._held = _Held(live.name, live.host, session, live.standby, reason, time.monotonic(),
+        self._held = Held(live.name, live.host, session, live.standby, reason, time.monotonic(),
                            live.commit_mono, live.commit_captured)
         if self.takeover == "manual":
             self.say(f"primary lost ({reason}); holding {live.name} at checkpoint {session.image.seq} "
@@ -773,7 +568,7 @@ class Receiver:
             self.on_event({"event": "fence-failed", "peer": held.host, "domain": held.name, "why": why})
             held.fence_not_before = time.monotonic() + FENCE_RETRY_S
 
-    def _start_fence(self, held: _Held) -> None:
+    def _start_fence(self, held: Held) -> None:
         from remus.fence import run_fence
 
         assert self.fence is not None
@@ -790,7 +585,7 @@ class Receiver:
         held.fence_thread = threading.Thread(target=run, name="remus-fence", daemon=True)
         held.fence_thread.start()
 
-    def _age(self, held: _Held) -> float:
+    def _age(self, held: Held) -> float:
         """How old the held checkpoint is: by this host's clock since it was committed here, or
         by the primary's clock since it was captured, whichever is older (a stalled receiver
         commits late what was captured long ago)."""
@@ -820,7 +615,7 @@ class Receiver:
         self.say(f"{why} ({held.reason}); activated {held.name} from checkpoint {seq} ({age:.2f} s old){runs_as}")
         self.on_event(dict({"event": "activated", "domain": held.name, "seq": seq, "age_s": round(age, 3),
                             "reason": held.reason, "activate_s": round(took, 3)}, **details))
-        self._running[held.name] = _Running(held.name, held.standby, time.time(), seq)
+        self._running[held.name] = Running(held.name, held.standby, time.time(), seq)
         if self.once:
             self._outcome.status = 0
             self._outcome.run_until_stopped = getattr(held.standby, "domain", None) is not None
@@ -895,7 +690,7 @@ class Receiver:
     # -- shutting down -------------------------------------------------------------------------
     def _shut_down(self) -> None:
         for pending in self._pending:
-            _close(pending.sock)
+            close_quietly(pending.sock)
         self._pending.clear()
         live = self._live
         if live is not None:
@@ -917,4 +712,4 @@ class Receiver:
             self._lookups.shutdown(wait=False, cancel_futures=True)
 
 
-__all__: Sequence[str] = ["Receiver", "hosts_allow_matcher", "listen_socket", "peer_host"]
+__all__: Sequence[str] = ["Receiver", "hosts_allow_matcher", "listen_socket", "peer_host"]  # the last three from .listening

@@ -65,6 +65,7 @@ class SimulatedDomain:
         self.mem = GuestMemory(spec.pages)
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._suspended = False
+        self._holding = False
         self._first_capture = True
         self._captures = 0
         try:
@@ -201,10 +202,21 @@ class SimulatedDomain:
         """(counter, rng_state, writes) right now."""
         return self.mem.read_vcpu()
 
+    def hold(self) -> str:
+        """Stop the guest (if it runs) and keep it stopped, its held packets never released.
+
+        The guest dies with this process: ``close`` then shuts it down without
+        resuming it and drops the packets still held.
+        """
+        self._holding = True
+        if not self._suspended:
+            self.suspend()
+        return "stopped"
+
     def close(self) -> None:
-        """Resume the guest if suspended, then shut it down with this process."""
+        """Resume the guest if suspended (unless held), then shut it down with this process."""
         try:
-            if self._suspended and self._proc is not None and self._proc.poll() is None:
+            if self._suspended and not self._holding and self._proc is not None and self._proc.poll() is None:
                 self.resume()
         except DomainError as exc:
             log.warning("%s", exc)
@@ -236,7 +248,7 @@ class SimulatedDomain:
                     pass
                 setattr(self, name, None)
         queue = getattr(self, "queue", None)
-        if queue is not None:
+        if queue is not None and not self._holding:
             queue.release_all()
         sink = getattr(self, "sink", None)
         if sink is not None:

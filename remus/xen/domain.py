@@ -112,6 +112,7 @@ class XenDomain:
         self.suspend_timeout_s = suspend_timeout_s
         self._suspended = False
         self._closed = False
+        self._holding = False
         self._late_suspend_possible = False
 
     # -- Domain protocol -----------------------------------------------------------------
@@ -155,8 +156,26 @@ class XenDomain:
         self._suspended = False
         self._saver.answer_postcopy(True)
 
+    def hold(self) -> str:
+        """Pause the guest and keep it paused (the backup may be running it).  Raises ``RemusError``.
+
+        A controller pause (``xl pause``) first, then, if a checkpoint left the
+        guest suspended, the fast resume that ends the suspend: the pause outlives
+        it, so ``xl unpause`` is all an admin needs to let it run again.  ``close``
+        then ends the save without resuming anything.
+        """
+        from remus.xen import xl
+
+        self._holding = True
+        xl.pause(str(self.ref.domid))
+        state = self._control.info(self.ref.domid)
+        if state is not None and state.suspended:
+            self._resume_guest()
+            self._suspended = False
+        return "paused"
+
     def close(self) -> None:
-        """End the save, make sure the guest runs, free every handle.  Logs, never raises."""
+        """End the save, make sure the guest runs (unless held), free every handle.  Logs, never raises."""
         if self._closed:
             return
         self._closed = True
@@ -164,6 +183,9 @@ class XenDomain:
             stack.callback(self._control.close)
             stack.callback(self._store.close)
             stack.callback(self._suspender.close)
+            if self._holding:
+                self._saver.stop()
+                return
             self._ensure_running("before ending the save")
             self._saver.stop()
             self._ensure_running("after ending the save")

@@ -87,6 +87,17 @@ def destroy(domain: str) -> None:
         raise XlError(f"`xl destroy {domain}` failed: {summary(proc.stderr)}")
 
 
+def pause(domain: str) -> None:
+    """``xl pause DOMAIN`` (a controller pause: ``xl unpause`` undoes it).
+
+    Raises:
+        XlError: it failed.
+    """
+    proc = run(["pause", domain])
+    if proc.returncode != 0:
+        raise XlError(f"`xl pause {domain}` failed: {summary(proc.stderr)}")
+
+
 def domain_config(domid: int) -> str:
     """The libxl configuration of running domain ``domid``, as compact JSON.
 

@@ -30,10 +30,11 @@ def one_run(compression: bool, seconds: float, interval_ms: int, tcp: bool) -> d
     channel: Channel
     if tcp:
         from remus.transport import TcpChannel
+        from tests.helpers import LINK_KEY
         from tests.test_transport import ReceiverThread
 
         backup = ReceiverThread()
-        channel = TcpChannel("127.0.0.1", backup.port)
+        channel = TcpChannel("127.0.0.1", backup.port, key=LINK_KEY)
     else:
         channel = BlackholeChannel()
 
