@@ -28,6 +28,7 @@
 # end its session before `xl destroy` had released the name.  Frozen, it sends nothing; the
 # SIGKILL then closes its connection, which the backup sees at once as the primary's death
 # (a heartbeat timeout of 60 s keeps the frozen seconds from counting as one).
+# FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
 # end the failed-over guest is replaced by a freshly created domu for the jobs after this one.
@@ -39,6 +40,8 @@ OUTD=$REMUS_LAB_OUT
 EVENTS=$OUTD/failover-events.jsonl
 STATS=$OUTD/failover-stats.jsonl
 CONSOLES="/var/log/xen/console/guest-domu.log /var/log/xen/console/guest-domu--incoming.log"
+PARTS=${FAILOVER_PARTS:-"orderly receiver-killed failover peer"}
+has_part() { case " $PARTS " in *" $1 "*) true ;; *) false ;; esac; }
 KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
@@ -129,8 +132,9 @@ fail_and_stop() {  # $1: result name; the rest: why
 }
 
 # ---------------------------------------------------------------------------------------------
-section "standby, then an orderly stop: remus-receiver --once, remus -i 200 domu 127.0.0.1, SIGINT"
 OLD_DOMID=$(xl domid domu)
+if has_part orderly; then
+section "standby, then an orderly stop: remus-receiver --once, remus -i 200 domu 127.0.0.1, SIGINT"
 start_protection standby_orderly
 wait_for "$FIRST_TIMEOUT" commits_reach 2
 both_run_with 2 || fail_and_stop standby_orderly "no 2 checkpoints ($(since "$t_start")s after remus started)"
@@ -153,8 +157,10 @@ guest_runs || ok=1
 check standby_orderly $ok "receiver exit $rrc, remus exit $remus_rc; domu--incoming was $incoming_state" \
     "during protection (receiver RSS ${rss} MiB); after the stop: $(domains_named domu) domu (id" \
     "$(xl domid domu 2>/dev/null), state $(domu_state)), domu--incoming: $(xl domid domu--incoming 2>/dev/null || echo none)"
+fi
 
 # ---------------------------------------------------------------------------------------------
+if has_part receiver-killed; then
 section "standby, then the receiver is SIGKILLed: its guard destroys the standby, no failover"
 start_protection standby_receiver_killed
 wait_for "$FIRST_TIMEOUT" commits_reach 2
@@ -180,8 +186,10 @@ guest_runs || ok=1
 check standby_receiver_killed $ok "domu--incoming was $incoming_state; receiver SIGKILLed: standby gone" \
     "${destroyed_s}s later ($(xl domid domu--incoming 2>/dev/null || echo none) left); remus: $remus_rc;" \
     "$(domains_named domu) domu (id $(xl domid domu 2>/dev/null), state $(domu_state))"
+fi
 
 # ---------------------------------------------------------------------------------------------
+has_part failover || exit $FAILS
 section "failover to the standby: the primary dies after its first checkpoint and $MORE more"
 start_protection failover_xen
 wait_for "$FIRST_TIMEOUT" commits_reach 1
@@ -272,7 +280,9 @@ REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s
 
 # ---------------------------------------------------------------------------------------------
 section "the peer: xl remus -F -n -i 200 -s '' domu 'xl migrate-receive -r', killed the same way"
-if [ $runs = 0 ]; then
+if ! has_part peer; then
+    :
+elif [ $runs = 0 ]; then
     PEER_OLD=$(xl domid domu)
     xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r' > $OUTD/xl-remus-failover.log 2>&1 &
     XLREMUS=$!
