@@ -21,6 +21,9 @@ Additional options (not in the xm-era remus):
                         (default 30000)
   --key-file=FILE       the key shared with the backup (default
                         /etc/remus/authkey; not needed with --blackhole)
+  --no-disk             protect a Xen domain without replicating its disks
+                        (unsafe, like xl remus -d: after a failover its disks
+                        no longer match its memory)
   --version             show the version and exit
 """
 
@@ -287,6 +290,7 @@ def _settings(parsed: Mapping[str, object]) -> Settings:
         fence=fence,
         fence_timeout_ms=fence_timeout_ms,
         key_file=_last(parsed, "--key-file") or DEFAULT_KEY_FILE,
+        disk_replication=not parsed["--no-disk"],
         warnings=tuple(warnings),
     )
 

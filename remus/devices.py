@@ -4,6 +4,7 @@ Order within a checkpoint, as driven by ``remus.engine``::
 
     install()                      once, before the first checkpoint
     postsuspend()                  guest stopped: a new output epoch begins
+    records(seq)                   (optional) records to send in checkpoint seq, before its COMMIT
     preresume()                    checkpoint captured, guest about to run
     commit()                       backup acknowledged the checkpoint: release its epoch
     release()                      once, on every exit path
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import logging
 from typing import Protocol, Sequence
+
+from remus.stream.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,13 @@ class CheckpointDevice(Protocol):
         """Let everything go and uninstall; idempotent, tolerant of partial installs."""
 
 
+class RecordingDevice(CheckpointDevice, Protocol):
+    """A device that also sends records in each checkpoint (a replicated disk's writes)."""
+
+    def records(self, seq: int) -> Sequence[Record]:
+        """Records for checkpoint ``seq``; called once per checkpoint, after capture."""
+
+
 class DeviceSet:
     """Devices called in list order (disks before network, as Remus requires)."""
 
@@ -58,6 +68,15 @@ class DeviceSet:
     def postsuspend(self) -> None:
         for device in self.devices:
             device.postsuspend()
+
+    def records(self, seq: int) -> list[Record]:
+        """The records of every device that has a ``records`` method, in device order."""
+        out: list[Record] = []
+        for device in self.devices:
+            records = getattr(device, "records", None)
+            if records is not None:
+                out.extend(records(seq))
+        return out
 
     def preresume(self) -> None:
         for device in self.devices:

@@ -8,13 +8,14 @@ from __future__ import annotations
 from remus.domain import Domain
 
 
-def open_domain(spec: str, *, for_backup: bool = True) -> Domain:
+def open_domain(spec: str, *, for_backup: bool = True, disk_replication: bool = True) -> Domain:
     """The domain named by a command line's domain argument.
 
     ``sim:NAME[,key=value...]`` is the built-in simulated domain; anything else
     is a Xen domain name or numeric id.  ``for_backup=False`` (``--blackhole``:
     no backup will ever restore it) skips what only a backup needs, such as a
-    Xen domain's libxl configuration.
+    Xen domain's libxl configuration.  ``disk_replication=False`` (``--no-disk``)
+    lets a Xen domain with unreplicated writable disks be protected.
 
     Raises:
         UsageError: a malformed ``sim:`` spec.
@@ -28,4 +29,4 @@ def open_domain(spec: str, *, for_backup: bool = True) -> Domain:
         return SimulatedDomain(parse_sim_spec(spec))
     from remus.xen import open_xen_domain
 
-    return open_xen_domain(spec, for_backup=for_backup)
+    return open_xen_domain(spec, for_backup=for_backup, disk_replication=disk_replication)

@@ -5,6 +5,7 @@ Theory of operation.  Each checkpoint runs these steps, in this order::
     domain.suspend()            the guest stops
     devices.postsuspend()       a new output epoch begins (plug)
     domain.capture()            dirty pages and state are copied
+    devices.records(seq)        what devices add to the checkpoint (a disk's epoch)
     devices.preresume()
     domain.resume()             the guest runs again
     channel.send()              the checkpoint, framed (and compressed), goes out
@@ -213,10 +214,13 @@ class Engine:
         self._check_contact()  # stopped or cut off before this suspend: the guest stays stopped
         wall_buffered = time.time()
         capture = self._step("capture", seq, self.domain.capture)
+        extra = self._step("records", seq, lambda: self.devices.records(seq))
         self._step("preresume", seq, self.devices.preresume)
         self._step("resume", seq, self.domain.resume)
         t_resumed = clock.now()
-        encoded = self._step("send", seq, lambda: self.encoder.encode(seq, capture.final_records(), wall_suspend))
+        encoded = self._step(
+            "send", seq, lambda: self.encoder.encode(seq, [*capture.final_records(), *extra], wall_suspend)
+        )
         self._step("send", seq, lambda: self.channel.send(encoded))
         self._step("ack", seq, lambda: self.channel.wait_for_ack(seq))
         t_acked = clock.now()

@@ -182,6 +182,14 @@ class XenError(RemusError):
         self.errno = errno
 
 
+class DiskError(RemusError):
+    """A replicated disk cannot be served, recorded or applied (the message names the disk)."""
+
+
+class DiskUnavailable(DiskError):
+    """This host lacks what a kernel block device needs (the nbd module, CAP_SYS_ADMIN)."""
+
+
 class NetbufError(RemusError):
     """Network output buffering could not be set up, driven or torn down."""
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from remus.channel import BlackholeChannel, Channel
 from remus.clock import StopFlag
+from remus.disk.device import link_to_channel
 from remus.domain import Domain
 from remus.domains import open_domain
 from remus.engine import Engine
@@ -117,7 +118,8 @@ def run(settings: Settings) -> int:
     stop = StopFlag()
     with stop_on_signals(stop):
         try:
-            domain = open_domain(settings.domain, for_backup=not settings.blackhole)
+            domain = open_domain(settings.domain, for_backup=not settings.blackhole,
+                                 disk_replication=settings.disk_replication)
         except UsageError as exc:
             _say(f"error: {exc}")
             return 2
@@ -135,13 +137,14 @@ def _protect(settings: Settings, domain: Domain, stop: StopFlag, key: Optional[b
     name = domain.info.name
     reporter = Reporter(f"{domain.info.kind}:{name}", sys.stderr, settings.stats_json)
     try:
+        channel = open_channel(settings, key, stop)
         engine = Engine(
             domain,
-            open_channel(settings, key, stop),
+            channel,
             interval_ms=settings.interval_ms,
             timer=settings.timer,
             compression=settings.compression,
-            devices=list(domain.devices(settings.net_buffering, settings.interval_ms)),
+            devices=link_to_channel(list(domain.devices(settings.net_buffering, settings.interval_ms)), channel),
             session=session_info(settings),
             stop=stop,
             on_checkpoint=reporter,

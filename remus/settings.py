@@ -39,4 +39,6 @@ class Settings:
     fence: Optional[str] = None
     fence_timeout_ms: int = DEFAULT_FENCE_TIMEOUT_MS
     key_file: str = DEFAULT_KEY_FILE
+    #: False with --no-disk: writable disks are neither replicated nor refused.
+    disk_replication: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)

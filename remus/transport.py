@@ -51,7 +51,7 @@ from remus.errors import AuthenticationFailed, BackupLost, Interrupted, RemotePr
 from remus.link.blocking import SealedLink, initiate
 from remus.settings import TAKEOVER_MARGIN_MS
 from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
-from remus.stream.records import Accept, Ack, Close, CloseReason, Heartbeat, StreamHeader
+from remus.stream.records import Accept, Ack, Close, CloseReason, DiskHashes, Heartbeat, StreamHeader
 from remus.stream.sender import EncodedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,8 @@ class TcpChannel:
         self._eof = False
         self._session_sent = False
         self._contact = _Contact(self.takeover_ms / 1000.0)
+        #: DISK_HASHES the backup sent before accepting the session (``remus.disk``).
+        self.disk_hashes: list[DiskHashes] = []
 
     # -- Channel -------------------------------------------------------------------------
     def open(self, opening: bytes) -> None:
@@ -517,6 +519,8 @@ class TcpChannel:
             reason = CloseReason(event.reason).name.lower()
             self._set_lost(f"the backup at {self.where} ended the session ({reason}): {event.message}",
                            orderly=True)
+        elif isinstance(event, DiskHashes):
+            self.disk_hashes.append(event)
         elif isinstance(event, (Heartbeat, StreamHeader)):
             pass
         else:

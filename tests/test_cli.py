@@ -210,7 +210,7 @@ def test_missing_domain_prints_message_and_help_and_exits_1() -> None:
     (["-p", "70000", "dom"], "option -p/--port: 70000 is not between 1 and 65535 (a TCP port)"),
     (["--bogus", "dom"], "no such option: --bogus"),
     (["-x", "dom"], "no such option: -x"),
-    (["--no", "dom"], "ambiguous option: --no (--no-compression, --no-net?)"),
+    (["--no", "dom"], "ambiguous option: --no (--no-compression, --no-disk, --no-net?)"),
     (["dom", "-i"], "-i option requires 1 argument"),
     (["-i", "-5", "dom"], "option -i/--interval: -5 is not between 1 and 3600000 milliseconds"),
     (["--timer=yes", "dom"], "--timer option does not take a value"),
@@ -261,3 +261,9 @@ def test_docopt_version_in_use_is_reported() -> None:
 
     assert hasattr(docopt, "docopt")
     print("docopt module:", getattr(docopt, "__version__", "?"), docopt.__file__, file=sys.stderr)
+
+
+def test_no_disk_turns_disk_replication_off() -> None:
+    assert parse(["dom"]).disk_replication is True
+    assert parse(["--no-disk", "dom"]).disk_replication is False
+    assert parse(["--no-d", "dom"]).disk_replication is False

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import random
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remus.stream.codec import StreamDecoder
-from remus.stream.compression import PageCache, PageCompressor, PageDecompressor, xor_pages
+from remus.stream.codec import StreamDecoder, encode_record
+from remus.stream.compression import VECTORISED, PageCache, PageCompressor, PageDecompressor, xor_pages
 from remus.stream.records import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -49,11 +52,19 @@ def to_records(checkpoint: list[tuple[int, int, list[tuple[int, int]]]]) -> list
     return [PageData(tuple(words), tuple(pages))]
 
 
+needs_numpy = pytest.mark.skipif(not VECTORISED, reason="numpy is not installed (pip install '.[fast]')")
+paths = pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=needs_numpy)])
+
+
+@paths
 @settings(max_examples=150, deadline=None)
-@given(st.lists(entries, min_size=1, max_size=5), st.integers(0, 30))
-def test_receiver_reconstructs_exactly_what_was_sent(checkpoints: list, cache_pages: int) -> None:
-    compressor = PageCompressor(cache_pages=cache_pages)
-    decompressor = PageDecompressor()
+@given(checkpoints=st.lists(entries, min_size=1, max_size=5), cache_pages=st.integers(0, 30),
+       lru=st.booleans())
+def test_receiver_reconstructs_exactly_what_was_sent(checkpoints: list, cache_pages: int, lru: bool,
+                                                     vectorised: bool) -> None:
+    compressor = PageCompressor(cache_pages=cache_pages, vectorised=vectorised,
+                                policy="lru" if lru else "second")
+    decompressor = PageDecompressor(vectorised=vectorised)
     receiver: dict[int, bytes] = {}
     for checkpoint in checkpoints:
         records = to_records(checkpoint)
@@ -96,14 +107,35 @@ def test_batches_hold_at_most_max_batch_pages() -> None:
     assert [len(b.pfns) for b in batches] == [MAX_BATCH_PAGES, MAX_BATCH_PAGES, 5]
 
 
-def test_cache_is_lru_and_bounded() -> None:
-    cache = PageCache(2)
-    assert cache.swap(1, b"a") is None
-    assert cache.swap(2, b"b") is None
-    assert cache.swap(1, b"a2") == b"a"   # 1 is now the most recent
-    assert cache.swap(3, b"c") is None    # evicts 2
-    assert cache.swap(2, b"b2") is None
+def test_lru_cache_is_lru_and_bounded() -> None:
+    a, a2, b, b2, c = (page_of(i, []) for i in range(1, 6))
+    cache = PageCache(2, policy="lru")
+    assert cache.swap(1, a) is None
+    assert cache.swap(2, b) is None
+    assert cache.swap(1, a2) == a   # 1 is now the most recent
+    assert cache.swap(3, c) is None    # evicts 2
+    assert cache.swap(2, b2) is None
     assert len(cache) == 2 and cache.misses == 4 and cache.hits == 1
+    assert 2 in cache and 3 in cache and 1 not in cache
+
+
+def test_full_cache_admits_a_page_only_when_it_is_sent_again() -> None:
+    pages = [page_of(i, []) for i in range(1, 8)]
+    cache = PageCache(2)
+    for pfn in (1, 2, 3, 4):  # a first checkpoint: the cache fills, then takes nothing new
+        assert cache.swap(pfn, pages[pfn]) is None
+    assert 1 in cache and 2 in cache and 3 not in cache and 4 not in cache
+    assert cache.swap(1, pages[5]) == pages[1]  # hot page: hit
+    assert cache.swap(3, pages[6]) is None      # sent again: admitted, evicts 2 (least recent)
+    assert 3 in cache and 2 not in cache and 1 in cache
+    assert cache.swap(3, pages[0]) == pages[6]
+
+
+def test_zero_sized_cache_sends_every_page_whole() -> None:
+    compressor = PageCompressor(cache_pages=0)
+    for _ in range(2):
+        batches = list(compressor.compress([PageData((1, 2), (page_of(1, []), page_of(2, [])))]))
+        assert [k for b in batches for k in b.kinds] == [PageKind.FULL, PageKind.FULL]
 
 
 def test_xor_is_its_own_inverse() -> None:
@@ -150,3 +182,68 @@ def test_xor_matches_the_plain_definition_for_every_shape_of_change() -> None:
         expected = bytes(x ^ y for x, y in zip(page, base))
         assert xor_pages(bytes(page), base) == expected
     assert xor_pages(b"abc", b"abd") == b"\0\0\x07"
+
+
+def stream(seed: int, checkpoints: int, pages: int, memory: int) -> list[list[PageData]]:
+    """Checkpoints of a seeded guest: repeated PFNs, XTAB entries, words and bytes changed."""
+    rng = random.Random(seed)
+    current = {pfn: rng.randbytes(PAGE_SIZE) for pfn in range(memory)}
+    out = []
+    for _ in range(checkpoints):
+        words, data = [], []
+        for _ in range(pages):
+            pfn = rng.randrange(memory)
+            if rng.random() < 0.05:
+                words.append(XTAB | pfn)
+                continue
+            page = bytearray(current[pfn])
+            for _ in range(rng.randrange(1, 4)):
+                off = rng.randrange(0, PAGE_SIZE, 8)
+                page[off : off + 8] = rng.randbytes(8)
+            current[pfn] = bytes(page)
+            words.append(pfn)
+            data.append(current[pfn])
+        out.append([PageData(tuple(words), tuple(data))])
+    return out
+
+
+@needs_numpy
+@pytest.mark.parametrize("policy", ["second", "lru"])
+def test_numpy_and_pure_python_paths_put_the_same_bytes_on_the_wire(policy: str) -> None:
+    checkpoints = stream(seed=11, checkpoints=6, pages=1500, memory=900)
+    wire = {}
+    for vectorised in (False, True):
+        compressor = PageCompressor(300, vectorised=vectorised, policy=policy)
+        wire[vectorised] = [b"".join(encode_record(b) for b in compressor.compress(records))
+                            for records in checkpoints]
+    assert wire[False] == wire[True]
+    # and each side's decoder takes the other's bytes
+    for vectorised in (False, True):
+        decompressor = PageDecompressor(vectorised=vectorised)
+        receiver: dict[int, bytes] = {}
+        decoder = StreamDecoder()
+        decoder.receive_data(StreamHeader().encode() + b"".join(wire[not vectorised]))
+        got = []
+        for event in list(decoder.events())[1:]:
+            if isinstance(event, PageBatch):
+                for word, page in decompressor.decompress(event, receiver.get):
+                    if page is not None:
+                        receiver[word & ((1 << 52) - 1)] = page
+                    got.append((word, page))
+        sent = [(w, p) for records in checkpoints for r in records for w, p in zip(r.pfns, _data(r))]
+        assert got == sent
+
+
+@needs_numpy
+@settings(max_examples=100, deadline=None)
+@given(checkpoints=st.lists(entries, min_size=1, max_size=6), cache_pages=st.integers(0, 12), lru=st.booleans())
+def test_both_cache_representations_make_the_same_decisions(checkpoints: list, cache_pages: int, lru: bool) -> None:
+    policy = "lru" if lru else "second"
+    pure = PageCompressor(cache_pages, vectorised=False, policy=policy)
+    fast = PageCompressor(cache_pages, vectorised=True, policy=policy)
+    for checkpoint in checkpoints:
+        records = to_records(checkpoint)
+        assert [b.encode_body() for b in pure.compress(records)] == [b.encode_body() for b in fast.compress(records)]
+        assert (pure.cache.hits, pure.cache.misses, len(pure.cache)) == (fast.cache.hits, fast.cache.misses,
+                                                                         len(fast.cache))
+        assert all((pfn in pure.cache) == (pfn in fast.cache) for pfn in range(42))

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import pytest
 
 from remus.errors import AuthenticationFailed, RemusError, TransportError
-from remus.link.blocking import SealedLink, initiate, respond
+from remus.link.blocking import SealedLink, initiate, respond, send_all
 from remus.link.handshake import Initiator, Responder
 from remus.link.seal import Sealer
 from remus.stream.records import StreamHeader
@@ -95,18 +95,27 @@ def test_writes_from_two_threads_never_interleave() -> None:
             for n in range(200):
                 link.send(sock, tag + b"%04d" % n + b"." * size)
 
-        threads = [threading.Thread(target=writer, args=(b"H", 10)), threading.Thread(target=writer, args=(b"C", 70_000))]
+        threads = [threading.Thread(target=writer, args=(b"H", 10)),
+                   threading.Thread(target=writer, args=(b"C", 70_000))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         sock.shutdown(socket.SHUT_WR)
         peer.finish()
-    assert peer.error is None
-    got = peer.result
-    assert isinstance(got, list) and len(got) == 400
+    assert peer.error is None and isinstance(peer.result, list)
+    stream = b"".join(peer.result)  # a message may span frames; each must arrive whole, uninterrupted
+    sizes = {b"H": 5 + 10, b"C": 5 + 70_000}
+    seen: dict[bytes, list[bytes]] = {b"H": [], b"C": []}
+    at = 0
+    while at < len(stream):
+        tag = stream[at : at + 1]
+        message = stream[at : at + sizes[tag]]
+        assert message[5:] == b"." * (sizes[tag] - 5)
+        seen[tag].append(message[1:5])
+        at += sizes[tag]
     for tag in (b"H", b"C"):
-        assert [m[1:5] for m in got if m[:1] == tag] == [b"%04d" % n for n in range(200)]
+        assert seen[tag] == [b"%04d" % n for n in range(200)]
 
 
 def test_a_primary_with_the_wrong_key_is_refused_on_both_sides() -> None:
@@ -178,3 +187,37 @@ def test_the_unsealed_link_is_plain_framing() -> None:
     wire = sender.seal(b"benchmark only")
     assert b"benchmark only" in wire
     assert receiver.receive_data(wire) == [b"benchmark only"]
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_the_benchmarks_pipeline_commits_every_checkpoint(sealed: bool) -> None:
+    """tests/bench/seal.py's transfer, small: a primary with the key replicates through a BackupSession."""
+    from tests.bench.seal import encoded_stream, one_transfer
+
+    opening, checkpoints, _payload = encoded_stream(256, 32, 3, compression=True, seed=4)
+    wall_s, cpu_s = one_transfer(opening, checkpoints, sealed)  # raises unless all 4 checkpoints committed
+    assert wall_s > 0 and cpu_s >= 0
+
+
+class TrickleSocket:
+    """A socket whose sendmsg writes at most ``step`` bytes a call, as a blocking socket with a timeout may."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.written = bytearray()
+        self.calls = 0
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        self.calls += 1
+        data = b"".join(bytes(b) for b in buffers)[: self.step]
+        self.written += data
+        return len(data)
+
+
+@pytest.mark.parametrize("step", [1, 7, 1000, 10**6])
+def test_send_all_writes_every_byte_in_order_whatever_sendmsg_takes(step: int) -> None:
+    buffers = [b"a" * 5, b"", b"b" * 1500, b"c", b"d" * 300]
+    sock = TrickleSocket(step)
+    send_all(sock, buffers)  # type: ignore[arg-type]
+    assert bytes(sock.written) == b"".join(buffers)
+    assert sock.calls == -(-len(sock.written) // step)

@@ -51,10 +51,12 @@ def test_both_sides_agree_on_two_distinct_keys() -> None:
     run = Handshake()
     i, r = run.initiator.result, run.responder.result
     assert run.initiator.done and run.responder.done
-    assert (len(run.hello), len(run.reply), len(run.finish)) == (HELLO_BYTES, REPLY_BYTES, FINISH_BYTES) == (104, 104, 40)
+    sizes = (len(run.hello), len(run.reply), len(run.finish))
+    assert sizes == (HELLO_BYTES, REPLY_BYTES, FINISH_BYTES) == (104, 104, 40)
     assert i.send_key == r.recv_key and i.recv_key == r.send_key
     assert i.send_key != i.recv_key and len(i.send_key) == len(i.recv_key) == 32
-    assert i.transcript_hash == r.transcript_hash == hashlib.sha256(PROTOCOL + run.hello + run.reply + run.finish).digest()
+    transcript = hashlib.sha256(PROTOCOL + run.hello + run.reply + run.finish).digest()
+    assert i.transcript_hash == r.transcript_hash == transcript
     assert run.initiator.data_to_send() == run.responder.data_to_send() == b""
     assert run.initiator.unused_data == run.responder.unused_data == b""
     assert "send_key" not in repr(i) and i.send_key.hex() not in repr(i)

@@ -114,5 +114,6 @@ def test_the_installed_command(tmp_path: Path) -> None:
     again = run("--key-file", str(path))
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
     bad = run("--nope")
-    assert bad.returncode == 2 and bad.stderr == "remus-keygen: error: no such option: --nope (see remus-keygen --help)\n"
+    assert bad.returncode == 2
+    assert bad.stderr == "remus-keygen: error: no such option: --nope (see remus-keygen --help)\n"
     assert run("--help").stdout == HELP

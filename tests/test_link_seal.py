@@ -69,7 +69,14 @@ def test_a_large_plaintext_is_split_at_frame_max() -> None:
 
 def test_an_empty_plaintext_sends_nothing() -> None:
     sealer = Sealer(KEY)
-    assert sealer.seal(b"") == b"" and sealer.frames == 0
+    assert sealer.seal(b"") == b"" and sealer.seal_frames(b"") == [] and sealer.frames == 0
+
+
+def test_seal_frames_gives_the_same_frames_one_by_one() -> None:
+    plaintext = random.Random(9).randbytes(2500)
+    frames = Sealer(KEY, frame_max=1000).seal_frames(plaintext)
+    assert [len(f) for f in frames] == [1020, 1020, 520]
+    assert b"".join(frames) == Sealer(KEY, frame_max=1000).seal(plaintext)
 
 
 def test_the_ciphertext_hides_the_plaintext_and_never_repeats() -> None:
@@ -133,7 +140,8 @@ def test_a_changed_length_fails_even_when_the_bytes_are_there() -> None:
     refused(Opener(KEY), shorter, "sealed frame 0 fails authentication")
 
 
-@pytest.mark.parametrize("cut", [1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 10, HEADER_BYTES + 50 + TAG_BYTES - 1])
+@pytest.mark.parametrize("cut", [1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 10,
+                                 HEADER_BYTES + 50 + TAG_BYTES - 1])
 def test_a_frame_cut_short_is_refused_at_eof(cut: int) -> None:
     opener = Opener(KEY)
     assert opener.receive_data(Sealer(KEY).seal(bytes(50))[:cut]) == []
@@ -203,7 +211,7 @@ def test_nothing_from_a_bad_frame_on_is_delivered() -> None:
 
 def test_a_length_over_the_bound_is_refused_before_its_body_is_buffered() -> None:
     opener = Opener(KEY)
-    refused(opener, HEADER.pack(FRAME_MAX + 1), "announces 1048577 bytes", "over the bound of 1048576")
+    refused(opener, HEADER.pack(FRAME_MAX + 1), f"announces {FRAME_MAX + 1} bytes", f"over the bound of {FRAME_MAX}")
     assert opener.buffered == 0
 
 
@@ -235,3 +243,60 @@ def test_the_buffer_holds_at_most_one_frame_plus_the_data_given() -> None:
     for start in range(0, len(wire), 7):
         opener.receive_data(wire[start : start + 7])
         assert opener.buffered < HEADER_BYTES + 100 + TAG_BYTES
+
+
+# --------------------------------------------------------------------------- in front of the backup session
+
+
+def sealed_checkpoints(sealer: Sealer) -> tuple[bytes, list[bytes]]:
+    """A simulated session (opening + three checkpoints), each part sealed as the primary sends it."""
+    from tests.bench.seal import encoded_stream
+
+    opening, checkpoints, _payload = encoded_stream(256, 8, 2, compression=True, seed=3)
+    return sealer.seal(opening), [b"".join(sealer.seal(chunk) for chunk in chunks) for chunks in checkpoints]
+
+
+def committed_through(opener: Opener, *parts: bytes) -> tuple[int, AuthenticationFailed | None]:
+    """Feed each part in one call (as a part sent whole arrives whole) to an Opener before a BackupSession.
+
+    A call that meets a bad frame hands out nothing, not even the good frames
+    before it in the same call: so a part is fed whole, and the last
+    checkpoint before the damaged one commits.
+    """
+    from remus.backup.session import BackupSession
+
+    session = BackupSession()
+    try:
+        for part in parts + (b"",):
+            for plaintext in opener.receive_data(part):
+                session.receive_data(plaintext)
+    except AuthenticationFailed as exc:
+        return session.image.seq, exc
+    return session.image.seq, None
+
+
+def test_a_sealed_session_commits_every_checkpoint() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    assert committed_through(Opener(KEY), opening + b"".join(checkpoints)) == (3, None)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.3, 0.7, 0.999])
+def test_a_flipped_byte_in_a_checkpoint_commits_nothing_of_it(where: float) -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    third = bytearray(checkpoints[2])
+    third[int(len(third) * where)] ^= 0x10
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], bytes(third))
+    assert seq == 2 and failure is not None
+
+
+def test_a_checkpoint_cut_short_commits_nothing_of_it() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    cut = checkpoints[2][: len(checkpoints[2]) // 2]
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], cut)
+    assert seq == 2 and failure is not None and "cut inside a sealed frame" in str(failure)
+
+
+def test_a_checkpoint_replayed_from_the_same_session_commits_nothing() -> None:
+    opening, checkpoints = sealed_checkpoints(Sealer(KEY))
+    seq, failure = committed_through(Opener(KEY), opening, checkpoints[0], checkpoints[1], checkpoints[1])
+    assert seq == 2 and failure is not None

@@ -84,3 +84,25 @@ def test_a_xen_session_without_a_usable_config_is_refused_at_once(config: Any) -
     backup.stop.set("test")
     backup.thread.join(timeout=15)
     assert restorer.calls == []
+
+
+def test_a_xen_domain_is_restored_on_its_disk_replica_at_the_committed_state(tmp_path: Any) -> None:
+    import json
+
+    config = json.dumps({"c_info": {"type": "pv", "name": "domu", "domid": 4},
+                         "b_info": {"max_memkb": 64, "type.pv": {"kernel": "/boot/vmlinuz"}},
+                         "disks": [{"pdev_path": "/img/domu.img", "vdev": "xvda", "script": "block-remus"}]})
+    restorer = FakeRestorer()
+    backup = ReceiverThread(restore_xen=restorer, disk_root=str(tmp_path))
+    stream, _ = xen_session(3, config=config, disk="/img/domu.img")
+    longer, _ = xen_session(4, config=config, disk="/img/domu.img")
+    send_and_drop(backup.port, longer[: len(stream) + (len(longer) - len(stream)) // 2], backup, 3)
+    event = backup.wait_event("activated")
+    assert backup.finish() == 0
+    replica = tmp_path / "img/domu.img"
+    assert event["disks"] == [str(replica)] and event["disk_seq"] == 3
+    [(info, seq, _types)] = restorer.calls
+    assert json.loads(info["libxl_config"])["disks"][0]["pdev_path"] == str(replica)
+    data = replica.read_bytes()
+    assert data[512:2048] == b"\x01" * 512 + b"\x02" * 512 + b"\x03" * 512  # checkpoint 4 never committed
+    assert data[2048:] == bytes(65536 - 2048)

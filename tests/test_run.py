@@ -121,7 +121,7 @@ def test_only_a_run_with_a_backup_asks_for_what_the_backup_needs(monkeypatch: py
 
     asked: list[bool] = []
 
-    def fake_open(spec: str, *, for_backup: bool = True) -> None:
+    def fake_open(spec: str, *, for_backup: bool = True, disk_replication: bool = True) -> None:
         asked.append(for_backup)
         raise DomainNotFound(f"domain {spec!r} does not exist")
 

@@ -4,6 +4,7 @@ output leaves only when the checkpoint that produced it is acknowledged."""
 from __future__ import annotations
 
 import os
+import select
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from remus.clock import StopFlag
 from remus.domain import Capture
 from remus.engine import Engine
 from remus.errors import DomainError, UsageError
-from remus.sim.domain import SimulatedDomain, initial_memory
+from remus.sim.domain import INIT_CHUNK_BYTES, SimulatedDomain, initial_chunk, initial_memory
 from remus.sim.guest import Guest
 from remus.sim.memory import GuestMemory, MemoryDigest
 from remus.sim.output import PacketSink, PlugQueue
@@ -35,6 +36,8 @@ def test_spec_defaults_and_keys() -> None:
     ("sim:demo,colour=red", "unknown key 'colour'"),
     ("sim:demo,memory=lots", "memory='lots'"),
     ("sim:demo,memory=100", "between 1M and 16G"),
+    ("sim:demo,memory=100G", "memory=100G: must be between 1M and 16G"),
+    ("sim:demo,pattern=zebra", "pattern=zebra: must be one of random, words"),
     ("sim:demo,memory=1000001K", "whole number of 4 KiB pages"),
     ("sim:demo,dirty_rate=-1", "dirty_rate"),
     ("sim:demo,locality=2", "locality"),
@@ -57,15 +60,48 @@ def test_spec_round_trips_through_the_session_header_form() -> None:
         SimSpec.from_dict(dict(spec.to_dict(), evil=1))
     with pytest.raises(UsageError):
         SimSpec.from_dict(dict(spec.to_dict(), memory=-1))
+    assert "pattern" not in spec.to_dict()  # a receiver that predates the key takes it
+    words = parse_sim_spec("sim:x,pattern=words")
+    assert words.pattern == "words" and SimSpec.from_dict(words.to_dict()) == words
+
+
+def test_every_size_up_to_the_advertised_maximum_is_accepted_and_can_be_made() -> None:
+    # 512M and more used to fail with OverflowError (one random.randbytes call of half the memory).
+    for size, pages in (("512M", 131072), ("1G", 262144), ("4G", 1 << 20), ("16G", 1 << 22)):
+        spec = parse_sim_spec(f"sim:big,memory={size}")
+        assert spec.pages == pages
+        last = spec.memory // INIT_CHUNK_BYTES - 1
+        # Any chunk is made alone: the ones around the middle (random, then zero) and the last.
+        middle = (spec.memory // 2) // INIT_CHUNK_BYTES
+        assert any(initial_chunk(spec, middle - 1)) and not any(initial_chunk(spec, middle))
+        assert len(initial_chunk(spec, last)) == INIT_CHUNK_BYTES and not any(initial_chunk(spec, last))
+        words_last = initial_chunk(parse_sim_spec(f"sim:big,memory={size},pattern=words"), last)
+        assert len(words_last) == INIT_CHUNK_BYTES and any(words_last)
+        with pytest.raises(ValueError):
+            initial_chunk(spec, last + 1)
+    # A chunk does not depend on the guest's size, only on the seed and its index.
+    assert initial_chunk(parse_sim_spec("sim:a,memory=16G"), 0) == initial_chunk(parse_sim_spec("sim:a,memory=64M"), 0)
+    assert initial_chunk(parse_sim_spec("sim:a,memory=64M,seed=2"), 0) != initial_chunk(parse_sim_spec("sim:a,memory=64M"), 0)
+
+
+def test_words_memory_is_not_half_zero() -> None:
+    memory = initial_memory(parse_sim_spec("sim:w,memory=1M,pattern=words"))
+    pages = [memory[i:i + PAGE_SIZE] for i in range(0, len(memory), PAGE_SIZE)]
+    assert all(any(page) for page in pages)
+    assert 0.45 < memory.count(0) / len(memory) < 0.65
+    random_memory = initial_memory(parse_sim_spec("sim:r,memory=1M"))
+    assert not any(random_memory[len(random_memory) // 2:]) and all(
+        any(random_memory[i:i + PAGE_SIZE]) for i in range(0, len(random_memory) // 2, PAGE_SIZE))
 
 
 # --------------------------------------------------------------------------- the guest model
 
 
-def guest_on(mem: GuestMemory, seed: int, locality: float = 0.9) -> Guest:
+def guest_on(mem: GuestMemory, seed: int, locality: float = 0.9, pattern: str = "random") -> Guest:
     mem.write_vcpu(0, seed, 0)
     r, w = os.pipe()
-    guest = Guest(mem, bell=-1, ack=-1, net=w, dirty_rate=0, locality=locality, packet_rate=0)
+    guest = Guest(mem, bell=-1, ack=-1, net=w, dirty_rate=0, locality=locality, packet_rate=0,
+                  pattern=pattern)
     guest._pipe = (r, w)  # type: ignore[attr-defined]
     return guest
 
@@ -95,6 +131,49 @@ def test_dirty_map_tracks_every_written_page_and_clears() -> None:
     assert mem.read_vcpu()[0] == 300 and mem.read_vcpu()[2] == 300
 
 
+def test_words_writes_change_a_few_aligned_words_of_one_page() -> None:
+    mem = GuestMemory(64)
+    mem.fill(initial_memory(SimSpec("w", memory=64 * PAGE_SIZE, pattern="words")))
+    guest = guest_on(mem, 4, locality=0.0, pattern="words")
+    for _ in range(50):
+        before = mem.memory_bytes()
+        guest.write_pages(1)
+        after = mem.memory_bytes()
+        (pfn,) = mem.take_dirty()
+        changed_words = {i // 8 for i in range(len(before)) if before[i] != after[i]}
+        assert 0 < len(changed_words) <= 4
+        assert all(w * 8 // PAGE_SIZE == pfn for w in changed_words)
+    mem.close()
+
+
+def test_a_16g_guest_memory_is_mapped_not_allocated_and_its_dirty_log_is_exact() -> None:
+    pages = (16 << 30) // PAGE_SIZE
+    mem = GuestMemory(pages)  # sparse: only what is written is ever backed
+    try:
+        guest = guest_on(mem, 8, locality=0.0)
+        guest.write_pages(300)
+        dirty = mem.take_dirty()
+        assert dirty == sorted(set(dirty)) and 250 < len(dirty) <= 300
+        assert max(dirty) > pages // 2  # writes reach the top of memory
+        assert all(mem.map[mem.dirty_offset + pfn] == 0 for pfn in dirty)
+        assert mem.take_dirty() == []
+        guest.write_pages(5)
+        assert 1 <= len(mem.take_dirty()) <= 5
+    finally:
+        mem.close()
+
+
+def test_the_dirty_log_and_the_dirty_map_agree_and_mark_all_dirty_covers_every_page() -> None:
+    mem = GuestMemory(300)
+    mem.mark_all_dirty()
+    assert mem.take_dirty() == list(range(300))
+    for pfn in (7, 3, 7, 299, 0):
+        mem.mark_dirty(pfn)
+    assert mem.take_dirty() == [0, 3, 7, 299]
+    assert not any(mem.map[mem.dirty_offset : mem.dirty_offset + 300])
+    mem.close()
+
+
 def test_locality_concentrates_writes_in_the_hot_region() -> None:
     mem = GuestMemory(1600)
     guest_on(mem, 5, locality=1.0).write_pages(500)
@@ -104,9 +183,22 @@ def test_locality_concentrates_writes_in_the_hot_region() -> None:
 def test_memory_digest_updates_incrementally() -> None:
     data = bytearray(initial_memory(SimSpec("d", memory=1 << 20)))
     digest = MemoryDigest.of(bytes(data))
+    start = digest.digest()
     data[5 * PAGE_SIZE + 17] ^= 0xFF
     digest.update([(5, bytes(data[5 * PAGE_SIZE:6 * PAGE_SIZE]))])
-    assert digest.digest() == MemoryDigest.of(bytes(data)).digest()
+    assert digest.digest() == MemoryDigest.of(bytes(data)).digest() != start
+    data[5 * PAGE_SIZE + 17] ^= 0xFF  # back as it was: the same digest again
+    digest.update([(5, bytes(data[5 * PAGE_SIZE:6 * PAGE_SIZE]))])
+    assert digest.digest() == start
+    # two pages trading places, or a page moving to where zeros were, change it
+    swapped = bytearray(data)
+    swapped[0:PAGE_SIZE], swapped[PAGE_SIZE:2 * PAGE_SIZE] = data[PAGE_SIZE:2 * PAGE_SIZE], data[0:PAGE_SIZE]
+    assert MemoryDigest.of(bytes(swapped)).digest() != start
+    moved = bytearray(len(data))
+    moved[PAGE_SIZE:2 * PAGE_SIZE] = data[0:PAGE_SIZE]
+    shifted = bytearray(len(data))
+    shifted[0:PAGE_SIZE] = data[0:PAGE_SIZE]
+    assert MemoryDigest.of(bytes(moved)).digest() != MemoryDigest.of(bytes(shifted)).digest()
 
 
 def test_packets_carry_the_counter_and_advance_it() -> None:
@@ -206,7 +298,9 @@ def test_capture_returns_exactly_the_dirty_pages_and_the_vcpu() -> None:
         assert isinstance(first.final_records()[0], DomainHeader)
         assert first.dirty_pages == 512  # the first capture is the whole memory
         domain.resume()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while domain.vcpu()[2] < 50 and time.monotonic() < deadline:  # let it write some pages
+            select.select([], [], [], 0.01)
         domain.suspend()
         second = domain.capture()
         records2 = second.final_records()
@@ -274,8 +368,11 @@ class AckRecorder:
         if seq >= self.checkpoints:
             self.stop.set("test")
 
-    def close(self, message: str) -> None:
-        pass
+    def close(self, message: str, **_options: object) -> bool:
+        return True
+
+    def out_of_contact(self) -> None:
+        return None  # acks come at once: never out of contact
 
     def abort(self) -> None:
         pass
@@ -308,3 +405,24 @@ def test_output_leaves_only_after_the_ack_of_its_checkpoint(tmp_path: Path, net_
         assert channel.violations == []
     else:
         assert channel.violations, "--no-net must let packets out before their checkpoint is acked"
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_dirty_pages_are_taken_and_copied_alike_with_and_without_numpy(with_numpy: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import remus.sim.memory as memory_module
+
+    if with_numpy and memory_module.np is None:
+        pytest.skip("numpy is not installed")
+    if not with_numpy:
+        monkeypatch.setattr(memory_module, "np", None)
+    mem = GuestMemory(1024)
+    mem.fill(initial_memory(SimSpec("n", memory=1024 * PAGE_SIZE)))
+    guest = guest_on(mem, 12, locality=0.5)
+    guest.write_pages(400)
+    dirty = mem.take_dirty()
+    assert dirty == sorted(set(dirty)) and not any(mem.map[mem.dirty_offset:mem.dirty_offset + 1024])
+    snapshot = mem.snapshot(dirty)
+    assert bytes(snapshot) == b"".join(mem.page(pfn) for pfn in dirty)
+    assert mem.snapshot([3, 4, 5, 9]) == b"".join(mem.page(p) for p in (3, 4, 5, 9))
+    mem.close()

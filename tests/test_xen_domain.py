@@ -298,3 +298,86 @@ def test_assemble_unknown_domain() -> None:
 
     with pytest.raises(DomainNotFound, match="'nosuch' does not exist"):
         assemble("nosuch", AssemblyStore(dict(TREE)), AssemblyControl(), no_channel)
+
+
+# --------------------------------------------------------------------------- disks
+
+
+def disk_tree(mode: str, script: str = "") -> dict[str, str]:
+    backend = "/local/domain/0/backend/vbd/4/51712"
+    tree = dict(TREE, **{
+        "/local/domain/4/device/vbd/51712/backend": backend,
+        f"{backend}/dev": "xvda",
+        f"{backend}/mode": mode,
+        f"{backend}/params": "/var/lib/xen/images/web.img",
+    })
+    if script:
+        tree[f"{backend}/script"] = script
+    return tree
+
+
+def test_a_writable_disk_that_is_not_replicated_is_refused_in_one_line() -> None:
+    from remus.xen.domain import assemble
+
+    with pytest.raises(DomainError) as info:
+        assemble("web", AssemblyStore(disk_tree("w", "/etc/xen/scripts/block")), AssemblyControl(), no_channel,
+                 disk_replication=True)
+    assert str(info.value) == (
+        "domain web: writable disk xvda (/var/lib/xen/images/web.img) is not replicated: give it "
+        "script=block-remus in the domain's configuration (or pass --no-disk to protect memory only)")
+
+
+def test_no_disk_protects_memory_only_and_warns_what_it_risks(caplog: pytest.LogCaptureFixture) -> None:
+    from remus.xen.domain import assemble
+
+    domain = assemble("web", AssemblyStore(disk_tree("w")), AssemblyControl(), no_channel, disk_replication=False)
+    assert "disks" not in domain.info.details
+    assert domain.devices(False, 100) == []
+    domain.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--no-disk" in warnings[0] and "xvda" in warnings[0]
+    assert "do not match" in warnings[0]
+
+
+def test_read_only_disks_need_nothing() -> None:
+    from remus.xen.domain import assemble
+
+    domain = assemble("web", AssemblyStore(disk_tree("r")), AssemblyControl(), no_channel, disk_replication=True)
+    assert domain.devices(False, 100) == [] and "disks" not in domain.info.details
+    domain.close()
+
+
+def test_a_block_remus_disk_becomes_the_first_device(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    from remus.disk import xen as disk_xen
+    from remus.disk.control import ControlledDisk, serve_control
+    from remus.disk.epochs import RecordingImage
+    from remus.disk.server import ImageFile
+    from remus.xen.domain import assemble
+
+    image = tmp_path / "web.img"
+    image.write_bytes(bytes(8192))
+    monkeypatch.setattr(disk_xen, "RUN_DIR", str(tmp_path))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "4-51712.sock"))
+    listener.listen(1)
+    target = RecordingImage(ImageFile(str(image)))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        serve_control(conn, target)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    domain = assemble("web", AssemblyStore(disk_tree("w", "/etc/xen/scripts/block-remus")), AssemblyControl(),
+                      no_channel, disk_replication=True)
+    devices = domain.devices(False, 100)
+    assert len(devices) == 1 and isinstance(devices[0], ControlledDisk)
+    assert domain.info.details["disks"] == [{"path": str(image), "size": 8192}]
+    devices[0].release()
+    domain.close()
+    thread.join(timeout=10)
+    listener.close()
+    target.image.close()

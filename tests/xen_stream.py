@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import random
 import struct
+from typing import Optional
 
 from remus.stream.records import (
     DHDR_TYPE_X86_PV,
     PAGE_SIZE,
     XEN_DOMCTL_PFINFO_XTAB,
     Checkpoint,
+    DiskWrite,
     DomainHeader,
     PageData,
     Record,
@@ -89,16 +91,24 @@ class SyntheticXenGuest:
 
 
 def xen_session(checkpoints: int, config: object = CONFIG, compression: bool = True,
-                ) -> tuple[bytes, SyntheticXenGuest]:
-    """A primary's whole stream (session opening + ``checkpoints`` committed checkpoints)."""
+                disk: Optional[str] = None) -> tuple[bytes, SyntheticXenGuest]:
+    """A primary's whole stream (session opening + ``checkpoints`` committed checkpoints).
+
+    With ``disk`` (a path) the session replicates a 64 KiB disk there, and checkpoint n
+    writes 512 bytes of n at offset 512 * n.
+    """
     guest = SyntheticXenGuest()
-    info = {"domain": "domu", "kind": "xen", "max_pages": PAGES, "domid": 4}
+    info: dict[str, object] = {"domain": "domu", "kind": "xen", "max_pages": PAGES, "domid": 4}
     if config is not None:
         info["libxl_config"] = config
+    if disk is not None:
+        info["disks"] = [{"path": disk, "size": 65536}]
     stream = bytearray(session_header(info))
     encoder = CheckpointEncoder(compression, cache_pages=16)
     for _ in range(checkpoints):
         records = guest.checkpoint()
+        if disk is not None:
+            records = [*records, DiskWrite(0, 512 * guest.seq, bytes([guest.seq]) * 512)]
         for chunk in encoder.encode(guest.seq, records, captured_unix=1_700_000_000.0 + guest.seq).chunks:
             stream += chunk
     return bytes(stream), guest

@@ -18,6 +18,11 @@ which picks by the session's kind:
   ``start_hot_xen``).  Either way the domain runs on its own afterwards and
   outlives the receiver.
 
+A session that replicates disks gets its standby wrapped in ``DiskStandby``:
+the replicas (``remus.disk.replica``) are handed over before the domain is
+activated, and a Xen domain is restored with its disks moved to the replicas
+when they live under ``--disk-root``.
+
 ``check_capacity`` refuses a session whose declared memory does not fit the
 bound the receiver was given (``--max-memory``).  Nothing here prints or
 touches sockets; failures are ``RemusError`` subclasses with one-line
@@ -26,13 +31,16 @@ messages.
 
 from __future__ import annotations
 
-import os
 import logging
-from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol
+import os
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol
 
 from remus.backup.image import Image
 from remus.errors import ActivationError, RemusError, UsageError
 from remus.stream.records import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from remus.disk.replica import ReplicaSet
 
 #: ``restore_xen(session_info, image)`` recreates a Xen domain from the committed image and
 #: returns what to report about it (``domid``, ``restore_s``, ...); see ``remus.xen.restore``.
@@ -114,12 +122,19 @@ def _size(n: int) -> str:
 
 
 def open_standby(info: Mapping[str, Any], *, restore_xen: Optional[XenRestorer] = None,
-                 start_hot_xen: Optional["HotStarter"] = None) -> Standby:
-    """The standby for a session that was just opened.
+                 disks: Optional["ReplicaSet"] = None, start_hot_xen: Optional["HotStarter"] = None) -> Standby:
+    """The standby for a session that was just opened (``disks``: its disk replicas, if any;
+    ``start_hot_xen``: how to start a Xen domain's hot standby, see the module docstring).
 
     Raises:
         RemusError: the session cannot be taken (the reason goes back to the primary).
     """
+    standby = _open_domain_standby(info, restore_xen, disks, start_hot_xen)
+    return standby if disks is None else DiskStandby(standby, disks)
+
+
+def _open_domain_standby(info: Mapping[str, Any], restore_xen: Optional[XenRestorer],
+                         disks: Optional["ReplicaSet"], start_hot_xen: Optional["HotStarter"]) -> Standby:
     kind = info.get("kind")
     if kind == "sim":
         return SimStandby(info)
@@ -127,11 +142,39 @@ def open_standby(info: Mapping[str, Any], *, restore_xen: Optional[XenRestorer] 
         from remus.xen.savefile import DomainConfig
 
         DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
+        if disks is not None and isinstance(info.get("libxl_config"), str):
+            from remus.disk.replica import retarget_config  # the domain runs on the replicas
+
+            info = dict(info, libxl_config=retarget_config(info["libxl_config"], disks.path_map()))
         cold = ColdXenStandby(info, restore_xen)
         if start_hot_xen is None and restore_xen is None:
             start_hot_xen = _start_xen_standby
         return cold if start_hot_xen is None else HotXenStandby(info, cold, start_hot_xen)
     raise UsageError(f"unknown domain kind {kind!r}")
+
+
+class DiskStandby:
+    """A domain's standby plus its disk replicas: at activation the replicas, synced, are
+    handed over first (refused if an apply failed half-way), then the domain is activated."""
+
+    def __init__(self, inner: Standby, disks: "ReplicaSet") -> None:
+        self.inner = inner
+        self.disks = disks
+
+    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None:
+        self.inner.committed(image, seq, changed_pfns)
+
+    def activate(self) -> dict[str, Any]:
+        handed = self.disks.handover()
+        return dict(self.inner.activate(), **handed)
+
+    def discard(self) -> None:
+        self.disks.close()
+        self.inner.discard()
+
+    def close(self) -> None:
+        self.disks.close()
+        self.inner.close()
 
 
 class SimStandby:
@@ -279,6 +322,7 @@ def _check_appendable(path: str) -> None:
 
 
 __all__ = [
-    "ColdXenStandby", "HotStarter", "HotXenStandby", "RemusError", "SimStandby", "Standby", "XenRestorer", "check_capacity",
+    "ColdXenStandby", "DiskStandby", "HotStarter", "HotXenStandby", "RemusError", "SimStandby", "Standby",
+    "XenRestorer", "check_capacity",
     "default_max_memory", "memory_of", "open_standby",
 ]

@@ -43,6 +43,9 @@ Options:
   --once                  handle one session, then exit
   --events-json=FILE      append one JSON line per event (session, commit,
                           activation, ...) to FILE
+  --disk-root=DIR         keep replicated disks under DIR (DIR/var/lib/...)
+                          instead of at the primary's paths (a backup on the
+                          same host)
   --json                  status: print the answer as one JSON object
 """
 
@@ -151,6 +154,7 @@ def parse(argv: Sequence[str]) -> dict[str, Any]:
         "control": control,
         "once": bool(args["--once"]),
         "events_json": args["--events-json"],
+        "disk_root": args["--disk-root"] or "",
     }
 
 

@@ -69,7 +69,7 @@ from remus.backup.session import (
     StreamEnded,
 )
 from remus.clock import StopFlag
-from remus.errors import RemoteProtocolError, RemusError
+from remus.errors import DiskError, RemoteProtocolError, RemusError
 from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
@@ -127,6 +127,7 @@ class Receiver:
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
         on_progress: Optional[Callable[[BackupSession], None]] = None,
         restore_xen: Optional[XenRestorer] = None,
+        disk_root: str = "",
         start_hot_xen: Optional[HotStarter] = None,
     ) -> None:
         if takeover not in ("auto", "manual"):
@@ -150,6 +151,7 @@ class Receiver:
         self._emit = on_event
         self.on_progress = on_progress
         self.restore_xen = restore_xen
+        self.disk_root = disk_root  # disk replicas under this directory (remus.disk.replica)
         self.start_hot_xen = start_hot_xen  # hot standby (issue 10): None: remus.xen.standby unless restore_xen
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
@@ -284,6 +286,9 @@ class Receiver:
             except OSError as exc:
                 self._drop_pending(pending, f"connection failed: {exc.strerror or exc}", quiet=True)
                 return
+            if data == b"":  # a port probe, or a stranger that gave up: not worth a log line
+                self._drop_pending(pending, "closed before authenticating", quiet=True)
+                return
             if data is not None:
                 try:
                     pending.responder.receive_data(data)
@@ -295,9 +300,6 @@ class Receiver:
                     return
                 except OSError as exc:
                     self._drop_pending(pending, f"connection failed: {exc.strerror or exc}", quiet=True)
-                    return
-                if not data and not pending.responder.done:
-                    self._drop_pending(pending, "closed before authenticating", quiet=True)
                     return
         if pending.responder.done and pending.allowed is not None:
             # A peer not allowed by hosts-allow hears why only once it proved it holds the key.
@@ -333,7 +335,7 @@ class Receiver:
         except OSError:
             close_quietly(sock)
             return
-        session = BackupSession(self.max_memory)
+        session = BackupSession(self.max_memory, self.disk_root)
         heartbeats = Heartbeats(out)
         self._live = Live(sock, pending.host, link, session, out, heartbeats, time.monotonic())
         heartbeats.start()
@@ -389,7 +391,7 @@ class Receiver:
         """Feed plaintext (``b""``: EOF) to the session; False once the session ended."""
         try:
             outputs = live.session.receive_data(plain)
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, DiskError) as exc:
             self._broken(live, f"invalid stream ({exc})")
             return False
         for output in outputs:
@@ -452,7 +454,8 @@ class Receiver:
                       f"{time.strftime('%H:%M:%S', time.localtime(running.since_unix))}; stop it here before "
                       "protecting it again")
         try:
-            live.standby = open_standby(info, restore_xen=self.restore_xen, start_hot_xen=self.start_hot_xen)
+            live.standby = open_standby(info, restore_xen=self.restore_xen, disks=live.session.disks,
+                                        start_hot_xen=self.start_hot_xen)
         except RemusError as exc:
             return self._refuse_live(live, f"cannot take domain {info.get('domain')!r}: {exc}")
         if self._held is not None and self._held.name == name:
@@ -490,6 +493,8 @@ class Receiver:
             except OSError:
                 pass
         close_quietly(live.sock)
+        if live.session.disks is not None:  # synced and closed; a held session hands them over as is
+            live.session.disks.close()
         if self._live is live:
             self._live = None
 

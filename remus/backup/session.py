@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Union
 
 from remus.backup.activation import check_capacity, memory_of
 from remus.backup.image import Image, Staging
+from remus.disk.replica import ReplicaSet
 from remus.errors import RemoteProtocolError, RemusError
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
 from remus.stream.compression import PageDecompressor
@@ -38,6 +39,8 @@ from remus.stream.records import (
     Close,
     CloseReason,
     Commit,
+    DiskDigest,
+    DiskWrite,
     DomainHeader,
     Heartbeat,
     PageBatch,
@@ -61,7 +64,7 @@ class State(enum.Enum):
     CLOSED = "closed by the primary"
 
 
-_DOMAIN_RECORDS = (DomainHeader, PageData, PageBatch, SimVcpu, Checkpoint, XenRecord)
+_DOMAIN_RECORDS = (DomainHeader, PageData, PageBatch, SimVcpu, Checkpoint, XenRecord, DiskWrite, DiskDigest)
 
 #: Which events each state accepts; anything else is a protocol error.
 _ALLOWED: dict[State, tuple[type, ...]] = {
@@ -127,9 +130,13 @@ Output = Union[SendBack, Opened, Refused, Committed, ClosedByPrimary, StreamEnde
 class BackupSession:
     """One session's state machine (see the module docstring)."""
 
-    def __init__(self, max_memory: Optional[int] = None) -> None:
+    def __init__(self, max_memory: Optional[int] = None, disk_root: str = "") -> None:
         #: Guest memory (bytes) a session may declare; None: no bound but the kind's own.
         self.max_memory = max_memory
+        #: Keep disk replicas under this directory instead of at their own paths.
+        self.disk_root = disk_root
+        #: The session's disk replicas (``remus.disk.replica``), None if it replicates no disk.
+        self.disks: Optional[ReplicaSet] = None
         self.state = State.HEADER
         self.decoder = StreamDecoder()
         self.image = Image()
@@ -197,6 +204,7 @@ class BackupSession:
             if self.max_memory is not None:
                 check_capacity(info, self.max_memory)
             self.max_pages = memory_of(info) // PAGE_SIZE
+            self.disks = ReplicaSet.from_session(info, self.disk_root)
         except RemusError as exc:  # the reason goes back to the primary
             reason = f"cannot take domain {info.get('domain')!r}: {exc}"
             self.state = State.CLOSED
@@ -204,12 +212,18 @@ class BackupSession:
         self.info = info
         self.kind = kind
         self.state = State.OPEN
-        return [Opened(info), SendBack(Ack(0))]
+        hashes = [SendBack(r) for r in self.disks.hashes()] if self.disks is not None else []
+        return [Opened(info), *hashes, SendBack(Ack(0))]
 
     def _stage(self, record: object) -> None:
         if self._staging is None:
             self._staging = Staging(self.max_pages)
         staging = self._staging
+        if isinstance(record, (DiskWrite, DiskDigest)):  # after the domain's CHECKPOINT, before COMMIT
+            if self.disks is None:
+                raise RemoteProtocolError("disk record in a session that replicates no disk")
+            self.disks.stage(staging.disk, record)
+            return
         if staging.checkpoint_seen:
             raise RemoteProtocolError(f"{type(record).__name__} after CHECKPOINT, before COMMIT")
         if isinstance(record, DomainHeader):
@@ -250,6 +264,8 @@ class BackupSession:
             raise RemoteProtocolError("the first checkpoint has no domain header")
         if self.kind == "sim" and not any(isinstance(r, SimVcpu) for r in staging.records):
             raise RemoteProtocolError(f"checkpoint {commit.seq} of a simulated domain has no vCPU record")
+        if self.disks is not None:
+            self.disks.apply(commit.seq, staging.disk)  # the disk of checkpoint seq, whole, or nothing
         changed = frozenset(staging.pages)
         self.image.commit(commit.seq, staging)
         self._staging = None

@@ -25,6 +25,8 @@ from remus.link.seal import FrameOpener, FrameSealer, NullOpener, NullSealer, Op
 
 #: How long a handshake may take, start to end, unless the caller says otherwise.
 HANDSHAKE_TIMEOUT_S = 5.0
+#: Buffers handed to one sendmsg call (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 
 
 class SealedLink:
@@ -65,13 +67,14 @@ class SealedLink:
     def send(self, sock: socket.socket, plaintext: bytes) -> None:
         """Seal ``plaintext`` and write it whole to the blocking ``sock`` (thread-safe).
 
+        The frames go out in one gathering write (``sendmsg``), never joined
+        into one large buffer.
+
         Raises:
             OSError: the socket failed (the link is then unusable).
         """
         with self._lock:
-            data = self.sealer.seal(plaintext)
-            if data:
-                sock.sendall(data)
+            send_all(sock, self.sealer.seal_frames(plaintext))
 
     def send_final(self, sock: socket.socket) -> None:
         """Write the FINAL frame: this side has ended the stream in order."""
@@ -94,6 +97,19 @@ class SealedLink:
     def peer_closed(self) -> bool:
         """True once the peer's FINAL frame arrived."""
         return self.opener.peer_closed
+
+
+def send_all(sock: socket.socket, buffers: list[bytes]) -> None:
+    """``sendall`` of several buffers in order, gathered by ``sendmsg`` (which may write part of them)."""
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def initiate(sock: socket.socket, key: bytes, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> SealedLink:

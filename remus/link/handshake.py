@@ -54,6 +54,7 @@ eight 0xFF bytes and "RMUS") is refused at its first byte.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import os
@@ -215,7 +216,8 @@ class _Reader:
             )
         if len(got) > 5 and got[5] != self.kind:
             raise AuthenticationFailed(
-                f"{self.who} sent handshake message type {got[5]} where its {self.expected} (type {self.kind}) was due"
+                f"{self.who} sent handshake message type {got[5]} "
+                f"where its {self.expected} (type {self.kind}) was due"
             )
         if len(got) > 6 and any(got[6:8]):
             raise AuthenticationFailed(f"{self.who} set reserved bits in its {self.expected}")
@@ -231,7 +233,7 @@ class _Reader:
         )
 
 
-class _Side:
+class _Side(abc.ABC):
     """What both roles share: the state, the outgoing bytes, the failure that ended it."""
 
     _reader: Optional[_Reader]
@@ -310,8 +312,9 @@ class _Side:
         elif rest:
             raise AssertionError("a reader left bytes before its message was complete")
 
+    @abc.abstractmethod
     def _message(self, message: bytes, rest: bytes) -> None:
-        raise NotImplementedError
+        """Act on a complete message; ``rest`` is what arrived after it."""
 
 
 class Initiator(_Side):

@@ -1,13 +1,16 @@
 """The simulated guest's "vCPU": a separate process that writes memory and sends packets.
 
 Started by ``remus.sim.domain`` as ``python -m remus.sim.guest FD_MEM FD_BELL
-FD_ACK FD_NET PAGES DIRTY_RATE LOCALITY PACKET_RATE``.  It runs until told to
+FD_ACK FD_NET PAGES DIRTY_RATE LOCALITY PACKET_RATE PATTERN``.  It runs until told to
 quit or until its doorbell pipe reaches EOF (its host process is gone, as a
 guest dies with its host).
 
 Each *step* is one whole instruction of this machine: either a page write
-(mark the page dirty, then overwrite 64 bytes of it) or a packet (the
-current counter, as a decimal line, written to the NIC pipe).  The counter
+(mark the page dirty, then change it: with pattern ``random`` overwrite 64
+bytes of it with pseudo-random data; with pattern ``words`` change one to
+four aligned words, each either a 64-bit counter incremented in place, a
+64-bit kernel-style pointer to another page, or a small 32-bit integer) or a
+packet (the current counter, as a decimal line, written to the NIC pipe).  The counter
 goes up by one per step.  The doorbell carries one-byte commands, read only
 between steps:
 
@@ -38,7 +41,12 @@ WRITE_SIZE = 64
 _SLOTS = PAGE_SIZE // WRITE_SIZE
 _MAX_BURST_S = 0.05  # after a long pause, catch up at most this much work at once
 _CHUNK = struct.Struct("<8Q")
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _STEPS_PER_LOOK = 256
+_WORD_SLOTS = PAGE_SIZE // 8
+#: The direct map of a 64-bit Linux kernel: where the ``words`` pattern's pointers point.
+_POINTER_BASE = 0xFFFF888000000000
 
 
 class Guest:
@@ -53,8 +61,10 @@ class Guest:
         dirty_rate: float,
         locality: float,
         packet_rate: float,
+        pattern: str = "random",
     ) -> None:
         self.mem = mem
+        self.pattern = pattern
         self.bell, self.ack, self.net = bell, ack, net
         self.dirty_rate = dirty_rate
         self.locality_threshold = int(locality * (1 << 64))
@@ -94,22 +104,43 @@ class Guest:
             self.send_packets(packets_now)
 
     def write_pages(self, n: int) -> None:
-        """Execute ``n`` page writes: mark dirty, then overwrite 64 bytes of the page."""
+        """Execute ``n`` page writes: mark the page dirty, then change it (see the module docstring)."""
         mem = self.mem
         buf = mem.map
+        words = self.pattern == "words"
         counter, rng, writes = mem.read_vcpu()
         for _ in range(n):
             rng, r = splitmix64(rng)
             pfn = r % self.hot_pages if r < self.locality_threshold else r % mem.pages
             counter += 1
             writes += 1
-            buf[mem.dirty_offset + pfn] = 1
-            off = mem.mem_offset + pfn * PAGE_SIZE + ((r >> 20) % _SLOTS) * WRITE_SIZE
-            word = r ^ counter
-            buf[off : off + WRITE_SIZE] = _CHUNK.pack(
-                word, ~word & 0xFFFFFFFFFFFFFFFF, counter, r, word >> 1, r >> 3, writes, pfn
-            )
+            mem.mark_dirty(pfn)
+            page = mem.mem_offset + pfn * PAGE_SIZE
+            if words:
+                self._change_words(page, r, counter)
+            else:
+                off = page + ((r >> 20) % _SLOTS) * WRITE_SIZE
+                word = r ^ counter
+                buf[off : off + WRITE_SIZE] = _CHUNK.pack(
+                    word, ~word & 0xFFFFFFFFFFFFFFFF, counter, r, word >> 1, r >> 3, writes, pfn
+                )
             mem.write_vcpu(counter, rng, writes)
+
+    def _change_words(self, page: int, r: int, counter: int) -> None:
+        """One to four aligned words of the page at byte ``page``, chosen by the bits of ``r``."""
+        buf = self.mem.map
+        for i in range(1 + (r & 3)):
+            bits = r >> (2 + 15 * i)
+            off = page + (bits % _WORD_SLOTS) * 8
+            kind = (bits >> 9) & 3
+            if kind <= 1:  # a counter: incremented where it is
+                (value,) = _U64.unpack_from(buf, off)
+                _U64.pack_into(buf, off, (value + 1) & 0xFFFFFFFFFFFFFFFF)
+            elif kind == 2:  # a pointer into the direct map, to a 64-byte aligned object
+                target = (counter * 0x9E3779B1 + bits) % self.mem.pages
+                _U64.pack_into(buf, off, _POINTER_BASE + target * PAGE_SIZE + (bits & 0xFC0))
+            else:  # a small 32-bit integer (a length, an index, a flag set)
+                _U32.pack_into(buf, off, (bits >> 11) & 0xFFF)
 
     def send_packets(self, n: int) -> None:
         """Execute ``n`` packet sends, each carrying the counter at its emission."""
@@ -135,9 +166,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd_mem, bell, ack, net, pages = (int(a) for a in argv[:5])
     dirty_rate, locality, packet_rate = float(argv[5]), float(argv[6]), float(argv[7])
+    pattern = argv[8] if len(argv) > 8 else "random"
     mem = GuestMemory(pages, fd=fd_mem)
     try:
-        return Guest(mem, bell, ack, net, dirty_rate, locality, packet_rate).run()
+        return Guest(mem, bell, ack, net, dirty_rate, locality, packet_rate, pattern).run()
     except BrokenPipeError:
         return 0  # the host went away while we were talking to it
 

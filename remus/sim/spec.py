@@ -11,6 +11,15 @@ locality       share of writes that hit the hot 1/16 of memory  0.9
 seed           seed of the guest's pseudo-random generator      1
 output         file each released packet is appended to         (none)
 packet_rate    packets the guest emits per second               20
+pattern        what a write does and what memory holds at boot  random
+               (``random``: 64 random bytes per write, the
+               first half of memory random and the rest zero;
+               ``words``: a few 32/64-bit counters and pointers
+               per write, memory at boot a mix of small
+               integers, pointers and zero bytes, no zero half)
+disk           raw disk image the guest writes (remus.sim.disk) (none)
+disk_size      its size, if it has to be created                16M
+disk_rate      4 KiB blocks the guest writes per second         50
 =============  ==============================================  ==========
 
 This module only parses; it never starts a guest.
@@ -18,6 +27,7 @@ This module only parses; it never starts a guest.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -33,6 +43,7 @@ MIN_MEMORY = 1 << 20
 MAX_MEMORY = 16 << 30
 MAX_DIRTY_RATE = 1_000_000
 MAX_PACKET_RATE = 100_000
+PATTERNS = ("random", "words")
 
 
 @dataclass(frozen=True)
@@ -46,14 +57,25 @@ class SimSpec:
     seed: int = 1
     output: Optional[str] = None
     packet_rate: int = 20
+    pattern: str = "random"
+    disk: Optional[str] = None
+    disk_size: int = 16 << 20
+    disk_rate: int = 50
 
     @property
     def pages(self) -> int:
         return self.memory // PAGE_SIZE
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form, as carried in the replication session header."""
-        return asdict(self)
+        """JSON-able form, as carried in the replication session header.
+
+        ``pattern`` is left out when it is the default, so a receiver that
+        predates it still takes such a guest.
+        """
+        data = asdict(self)
+        if data["pattern"] == "random":
+            del data["pattern"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SimSpec":
@@ -102,12 +124,19 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "seed": _parse_int,
     "output": str,
     "packet_rate": _parse_int,
+    "pattern": str,
+    "disk": os.path.abspath,
+    "disk_size": _parse_size,
+    "disk_rate": _parse_int,
 }
 
 
-def _validate(spec: SimSpec) -> None:
+def _validate(spec: SimSpec, typed: Optional[Mapping[str, str]] = None) -> None:
+    """Raises UsageError naming the first bad field, as the user typed it when ``typed`` has it."""
+
     def bad(key: str, why: str) -> UsageError:
-        return UsageError(f"sim:{spec.name}: {key}={getattr(spec, key)!r}: {why}")
+        shown = typed[key] if typed and key in typed else repr(getattr(spec, key))
+        return UsageError(f"sim:{spec.name}: {key}={shown}: {why}")
 
     if not isinstance(spec.name, str) or not _NAME_RE.match(spec.name):
         raise UsageError(
@@ -127,6 +156,14 @@ def _validate(spec: SimSpec) -> None:
         raise bad("output", "must be a file path")
     if not isinstance(spec.packet_rate, int) or not 0 <= spec.packet_rate <= MAX_PACKET_RATE:
         raise bad("packet_rate", f"must be between 0 and {MAX_PACKET_RATE} per second")
+    if spec.pattern not in PATTERNS:
+        raise bad("pattern", f"must be one of {', '.join(PATTERNS)}")
+    if spec.disk is not None and (not isinstance(spec.disk, str) or not spec.disk.startswith("/")):
+        raise bad("disk", "must be a file path")
+    if not isinstance(spec.disk_size, int) or not 65536 <= spec.disk_size <= 1 << 40 or spec.disk_size % 4096:
+        raise bad("disk_size", "must be a multiple of 4K between 64K and 1T")
+    if not isinstance(spec.disk_rate, int) or not 0 < spec.disk_rate <= 100_000:
+        raise bad("disk_rate", "must be between 1 and 100000 blocks per second")
 
 
 def parse_sim_spec(text: str) -> SimSpec:
@@ -139,6 +176,7 @@ def parse_sim_spec(text: str) -> SimSpec:
         raise UsageError(f"{text!r} is not a simulated domain (sim:NAME[,key=value...])")
     name, *pairs = text[4:].split(",")
     values: dict[str, Any] = {}
+    typed: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
@@ -150,10 +188,11 @@ def parse_sim_spec(text: str) -> SimSpec:
             )
         if key in values:
             raise UsageError(f"sim:{name}: {key} given twice")
+        typed[key] = value.strip()
         try:
             values[key] = _PARSERS[key](value)
         except ValueError as exc:
             raise UsageError(f"sim:{name}: {key}={value!r}: {exc}") from None
     spec = SimSpec(name=name, **values)
-    _validate(spec)
+    _validate(spec, typed)
     return spec

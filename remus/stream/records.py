@@ -111,7 +111,13 @@ class RemusRecType(enum.IntEnum):
     #: Backup to primary, once, before ACK 0: the session is taken, and on what terms
     #: (JSON: the receiver's takeover timeout and mode, whether it fences).
     ACCEPT = REMUS_REC_BASE + 0x09
-    # 0x0A..0x0F are reserved for disk replication.
+    #: One write to a replicated disk in this checkpoint's epoch (``remus.disk``).
+    DISK_WRITE = REMUS_REC_BASE + 0x0A
+    #: A replicated disk's size and BLAKE2b digest as of this checkpoint (verification).
+    DISK_DIGEST = REMUS_REC_BASE + 0x0B
+    #: Backup to primary, before ACK 0: hashes of the extents of a replica it already holds.
+    DISK_HASHES = REMUS_REC_BASE + 0x0C
+    # 0x0D..0x0F are reserved for disk replication.
 
 
 class PageKind(enum.IntEnum):
@@ -471,6 +477,93 @@ class Close:
         return cls(reason, body[8:].decode("utf-8", "replace"))
 
 
+#: Most data one DISK_WRITE record carries; longer writes become several records.
+DISK_WRITE_MAX_BYTES = 1 << 20
+#: Most disks one session replicates.
+MAX_DISKS = 64
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """``u32 disk`` (index in the session's ``disks``), ``u32`` reserved, ``u64 offset``,
+    then the data (1 to ``DISK_WRITE_MAX_BYTES`` bytes)."""
+
+    disk: int
+    offset: int
+    data: bytes = field(repr=False)
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_WRITE
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def encode_body(self) -> bytes:
+        return self._HEAD.pack(self.disk, 0, self.offset) + self.data
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskWrite":
+        _need(cls._HEAD.size < len(body) <= cls._HEAD.size + DISK_WRITE_MAX_BYTES,
+              f"DISK_WRITE record of {len(body)} bytes")
+        disk, reserved, offset = cls._HEAD.unpack_from(body)
+        _need(disk < MAX_DISKS and reserved == 0, "DISK_WRITE: bad disk index or reserved bits")
+        return cls(disk, offset, bytes(body[cls._HEAD.size :]))
+
+
+@dataclass(frozen=True)
+class DiskDigest:
+    """``u32 disk``, ``u32`` reserved, ``u64 size``, then the 32-byte BLAKE2b digest of
+    the whole disk at the checkpoint's epoch boundary."""
+
+    disk: int
+    size: int
+    digest: bytes
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_DIGEST
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQ32s")
+
+    def encode_body(self) -> bytes:
+        return self._FORMAT.pack(self.disk, 0, self.size, self.digest)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskDigest":
+        _need(len(body) == cls._FORMAT.size, "DISK_DIGEST record has the wrong size")
+        disk, reserved, size, digest = cls._FORMAT.unpack(body)
+        _need(disk < MAX_DISKS and reserved == 0, "DISK_DIGEST: bad disk index or reserved bits")
+        return cls(disk, size, digest)
+
+
+#: Bytes of a DISK_HASHES hash (BLAKE2b-128) and most hashes in one record.
+DISK_HASH_BYTES = 16
+DISK_HASHES_MAX = 2048
+
+
+@dataclass(frozen=True)
+class DiskHashes:
+    """``u32 disk``, ``u32 extent_bytes``, ``u64 first`` (extent index), then one 16-byte
+    BLAKE2b hash per extent from ``first`` on (at most ``DISK_HASHES_MAX``)."""
+
+    disk: int
+    extent_bytes: int
+    first: int
+    hashes: tuple[bytes, ...]
+
+    TYPE: ClassVar[int] = RemusRecType.DISK_HASHES
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def encode_body(self) -> bytes:
+        return self._HEAD.pack(self.disk, self.extent_bytes, self.first) + b"".join(self.hashes)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "DiskHashes":
+        _need(len(body) >= cls._HEAD.size, "DISK_HASHES record too short")
+        disk, extent_bytes, first = cls._HEAD.unpack_from(body)
+        rest = body[cls._HEAD.size :]
+        count = len(rest) // DISK_HASH_BYTES
+        _need(len(rest) % DISK_HASH_BYTES == 0 and 0 < count <= DISK_HASHES_MAX,
+              "DISK_HASHES: bad hash list length")
+        _need(disk < MAX_DISKS and extent_bytes > 0, "DISK_HASHES: bad disk index or extent size")
+        hashes = tuple(bytes(rest[i : i + DISK_HASH_BYTES]) for i in range(0, len(rest), DISK_HASH_BYTES))
+        return cls(disk, extent_bytes, first, hashes)
+
+
 @dataclass(frozen=True)
 class Accept:
     """Backup to primary: the session is taken.  A JSON object with at least
@@ -540,14 +633,14 @@ class XenRecord:
 
 Record = Union[
     Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept, Checkpoint,
-    XenRecord,
+    XenRecord, DiskWrite, DiskDigest, DiskHashes,
 ]
 
 #: Record classes by wire type; types not listed are libxc's and become ``XenRecord``.
 RECORD_CLASSES: dict[int, Any] = {
     cls.TYPE: cls
     for cls in (Session, DomainHeader, PageData, PageBatch, SimVcpu, Commit, Ack, Heartbeat, Close, Accept,
-                Checkpoint)
+                Checkpoint, DiskWrite, DiskDigest, DiskHashes)
 }
 
 

@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     from remus.xen.domain import XenDomain
 
 
-def open_xen_domain(spec: str, *, for_backup: bool = True) -> "XenDomain":
+def open_xen_domain(spec: str, *, for_backup: bool = True, disk_replication: bool = True) -> "XenDomain":
     """The running Xen PV domain named ``spec`` (a name as in ``xl list``, or a numeric id).
 
     With ``for_backup`` its libxl configuration is read (``xl list -l``) for the
     session header, so that a backup can recreate it; without (``--blackhole``)
-    neither xl nor the configuration is needed.
+    neither xl nor the configuration is needed, and disks are not looked at.
+    ``disk_replication=False`` (``--no-disk``) protects a domain whose writable
+    disks are not replicated (``remus.disk.xen.disk_policy``).
 
     Raises:
         XenUnavailable: Xen cannot be used from this process (the message says why).
@@ -46,7 +48,8 @@ def open_xen_domain(spec: str, *, for_backup: bool = True) -> "XenDomain":
         stack.callback(control.close)
         domain = assemble(spec, xenstore, control,
                           lambda domid, port: BoundSuspendChannel(b, control.handle, domid, port),
-                          read_config=xl.domain_config if for_backup else None)
+                          read_config=xl.domain_config if for_backup else None,
+                          disk_replication=disk_replication if for_backup else None)
         stack.pop_all()
         return domain
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow

@@ -20,9 +20,11 @@ hypervisor, not its own bookkeeping, whether the guest is suspended.
 refuses what cannot be protected (dom0, HVM guests, a guest that is not
 running), reads the domain's libxl configuration (which the session header
 carries to the backup, so that it can recreate the domain) and picks the
-suspender.  Disks are not replicated by this project: a domain with disks
-gets one warning naming them.  ``devices`` holds the guest's network output
-through ``remus.netbuf`` (one plug per vif).
+suspender.  A domain with a writable disk that ``block-remus`` does not
+serve is refused unless disk replication is off (``--no-disk``), and the
+replicated disks become devices (``remus.disk.xen``); without a backup
+(``--blackhole``) disks get one warning naming them.  ``devices`` holds the
+guest's disks, then its network output through ``remus.netbuf`` (one plug per vif).
 """
 
 from __future__ import annotations
@@ -223,19 +225,24 @@ class XenDomain:
 
 def assemble(spec: str, store: FullStore, control: FullControl,
              bind_channel: Callable[[int, int], EventChannel], *,
-             read_config: Optional[Callable[[int], str]] = None) -> XenDomain:
+             read_config: Optional[Callable[[int], str]] = None,
+             disk_replication: Optional[bool] = None) -> XenDomain:
     """The ``XenDomain`` for the command line's domain argument, on open handles.
 
     ``bind_channel(domid, port)`` binds a guest's suspend event channel.
     ``read_config(domid)`` returns the domain's libxl configuration as JSON
     (``remus.xen.xl.domain_config``); without it the session carries none, and
-    a backup refuses it.  The handles stay the caller's until this returns;
-    then they are the domain's.
+    a backup refuses it.  ``disk_replication``: True to replicate the disks
+    (refusing a writable one block-remus does not serve), False for
+    ``--no-disk``, None when no backup will ever use them (``--blackhole``).
+    The handles stay the caller's until this returns; then they are the domain's.
 
     Raises:
         DomainNotFound: no domain has that name or id.
         DomainError: it cannot be protected (dom0, an HVM guest, not running, its
-            configuration cannot be read or is too large for the session record).
+            configuration cannot be read or is too large for the session record,
+            a writable disk is not replicated).
+        DiskError: a replicated disk's server is not running.
         XenError: a Xen call failed.
     """
     ref = xs.resolve_domain(store, spec)
@@ -249,15 +256,16 @@ def assemble(spec: str, store: FullStore, control: FullControl,
     if read_config is not None:
         details["libxl_config"] = _config_of(ref, read_config)
     disks = xs.disks(store, ref.domid)
-    if disks:
+    if disks and disk_replication is None:
         log.warning("domain %s has disks that remus does not replicate: %s (not protected)",
                     ref.name, ", ".join(disks))
+    disk_devices = _disk_devices(ref, store, disk_replication, details)
 
     def net_devices(net_buffering: bool, interval_ms: int) -> Sequence[CheckpointDevice]:
         from remus.netbuf import domain_devices
 
-        return domain_devices(store.read, store.directory, ref.domid,
-                              net_buffering=net_buffering, interval_ms=interval_ms)
+        return [*disk_devices, *domain_devices(store.read, store.directory, ref.domid,
+                                               net_buffering=net_buffering, interval_ms=interval_ms)]
 
     port = xs.suspend_event_channel(store, ref.domid)
     suspender: Suspender
@@ -274,6 +282,21 @@ def assemble(spec: str, store: FullStore, control: FullControl,
         details=details,
         net_devices=net_devices,
     )
+
+
+def _disk_devices(ref: xs.DomainRef, store: FullStore, replicate: Optional[bool],
+                  details: dict[str, Any]) -> list[CheckpointDevice]:
+    """The replicated disks' devices (their entries go into ``details["disks"]``)."""
+    if replicate is None:
+        return []
+    from remus.disk.control import ControlledDisk
+    from remus.disk.xen import control_path, disk_policy, vbds
+
+    chosen = disk_policy(ref.name, vbds(store, ref.domid), replicate)
+    devices = [ControlledDisk(i, control_path(vbd)) for i, vbd in enumerate(chosen)]
+    if devices:
+        details["disks"] = [d.session_entry() for d in devices]
+    return list(devices)
 
 
 def _config_of(ref: xs.DomainRef, read_config: Callable[[int], str]) -> str:

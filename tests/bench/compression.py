@@ -1,106 +1,145 @@
-"""Benchmark: checkpoint compression, batched XOR+zstd against the obvious alternatives.
+"""Benchmark: remus's checkpoint codec against the xm-era word-RLE codec and its own variants.
 
-Run: ``python -m tests.bench.compression [--pages N] [--rounds R]``.
+Run: ``python -m tests.bench.compression [--memory 256M] [--dirty 1000] [--checkpoints 40]``.
 
-Every figure is measured in this run and printed as a ratio against the
-baseline "one zstd call per page" (the approach the batch design replaces),
-so the numbers mean something on a noisy machine.  Nothing is asserted.
+On page streams captured from the simulated guest's write model (patterns
+``random`` and ``words``, ``tests.bench.streams``), every method encodes the
+same checkpoints after priming its cache with the first one (all of memory,
+untimed).  Printed per method: wire bytes per checkpoint, MB/s of raw page
+bytes encoded, and both as ratios against the xm-era word-RLE codec with
+its own 8192-page cache, compiled in C in this run (``tests.bench.wordrle``,
+a model of Xen 4.4's ``xc_compression.c``).  Also: the same codec with
+remus's cache size; remus with the numpy and the pure-Python paths; plain
+LRU admission against admission on second sending; one zstd call per page
+against one per batch; and the bytes of the first ten checkpoints (cache
+warm-up).  Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import zstandard
 
-from remus.stream.compression import PageCompressor, PageDecompressor, xor_pages
-from remus.stream.records import PAGE_SIZE, PageData
+from remus.sim.spec import _parse_size
+from remus.stream.compression import (
+    DEFAULT_CACHE_PAGES,
+    VECTORISED,
+    PageCompressor,
+    PageDecompressor,
+)
+from remus.stream.records import PAGE_DATA_PFN_MASK, PAGE_SIZE, PageData
+from tests.bench import wordrle
+from tests.bench.streams import Stream, capture, raw_bytes
+
+#: encode(checkpoint) -> wire bytes of it
+Encoder = Callable[[list[PageData]], int]
 
 
-def workload(pages: int, rounds: int, seed: int = 1) -> tuple[list[bytes], list[list[tuple[int, bytes]]]]:
-    """A guest's initial memory and ``rounds`` checkpoints of ``pages`` dirty pages with 64-byte edits."""
-    rng = random.Random(seed)
-    initial = [rng.randbytes(PAGE_SIZE) if i % 2 else bytes(PAGE_SIZE) for i in range(pages * 4)]
-    memory = list(initial)
-    checkpoints = []
-    for _ in range(rounds):
-        dirty = rng.sample(range(len(memory)), pages)
-        batch = []
-        for pfn in dirty:
-            page = bytearray(memory[pfn])
-            off = rng.randrange(0, PAGE_SIZE // 64) * 64
-            page[off : off + 64] = rng.randbytes(64)
-            memory[pfn] = bytes(page)
-            batch.append((pfn, memory[pfn]))
-        checkpoints.append(batch)
-    return initial, checkpoints
+def remus(vectorised: bool, policy: str = "second", cache: int = DEFAULT_CACHE_PAGES) -> Encoder:
+    compressor = PageCompressor(cache, vectorised=vectorised, policy=policy)
+    return lambda records: sum(len(b.frame) + 16 + 9 * len(b.pfns) for b in compressor.compress(records))
 
 
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
+def remus_per_page_zstd(cache: int = DEFAULT_CACHE_PAGES) -> Encoder:
+    """XOR with the same cache, then one zstd call per page payload."""
+    compressor = PageCompressor(cache, level=1)
+    cctx = zstandard.ZstdCompressor(level=1)
+
+    def encode(records: list[PageData]) -> int:
+        total = 0
+        for batch in compressor.compress(records):
+            raw = zstandard.ZstdDecompressor().decompress(batch.frame)
+            total += 16 + 9 * len(batch.pfns)
+            total += sum(len(cctx.compress(raw[i : i + PAGE_SIZE])) for i in range(0, len(raw), PAGE_SIZE))
+        return total
+    return encode
+
+
+def word_rle_c(built: tuple[object, object], cache: int) -> Encoder:
+    codec = wordrle.CWordRle(*built, cache_pages=cache)
+
+    def encode(records: list[PageData]) -> int:
+        return sum(len(codec.encode_batch([w & PAGE_DATA_PFN_MASK for w in r.pfns], b"".join(r.pages)))
+                   + 8 * len(r.pfns) for r in records)
+    return encode
+
+
+def word_rle_py(cache: int) -> Encoder:
+    codec = wordrle.PyWordRle(cache)
+    return lambda records: sum(len(codec.encode(w & PAGE_DATA_PFN_MASK, p)) + 8
+                               for r in records for w, p in zip(r.pfns, r.pages))
+
+
+def run(make: Callable[[], Encoder], stream: Stream) -> tuple[float, int, int]:
+    """(seconds for the steady checkpoints, their wire bytes, wire bytes of the first ten)."""
+    encode = make()
+    encode(stream.first)
+    sizes = []
     start = time.perf_counter()
-    size = fn()
-    return time.perf_counter() - start, size
+    for checkpoint in stream.checkpoints:
+        sizes.append(encode(checkpoint))
+    return time.perf_counter() - start, sum(sizes), sum(sizes[:10])
+
+
+def decode_rate(stream: Stream, vectorised: bool) -> float:
+    """MB/s of raw pages the receiver's decompressor restores."""
+    compressor = PageCompressor(vectorised=vectorised)
+    decompressor = PageDecompressor(vectorised=vectorised)
+    image: dict[int, bytes] = {}
+    for batch in compressor.compress(stream.first):
+        for word, page in decompressor.decompress(batch, image.get):
+            assert page is not None
+            image[word & PAGE_DATA_PFN_MASK] = page
+    batches = [list(compressor.compress(c)) for c in stream.checkpoints]
+    start = time.perf_counter()
+    for checkpoint in batches:
+        for batch in checkpoint:
+            for word, page in decompressor.decompress(batch, image.get):
+                assert page is not None
+                image[word & PAGE_DATA_PFN_MASK] = page
+    return sum(raw_bytes(c) for c in stream.checkpoints) / (time.perf_counter() - start) / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pages", type=int, default=500, help="dirty pages per checkpoint")
-    parser.add_argument("--rounds", type=int, default=40, help="checkpoints")
+    parser.add_argument("--memory", default="256M")
+    parser.add_argument("--dirty", type=int, default=1000, help="dirty pages per checkpoint")
+    parser.add_argument("--checkpoints", type=int, default=40)
+    parser.add_argument("--patterns", default="random,words")
     args = parser.parse_args()
-    memory, checkpoints = workload(args.pages, args.rounds)
-    cctx = zstandard.ZstdCompressor(level=1)
-
-    def per_page_zstd() -> int:
-        return sum(len(cctx.compress(page)) for batch in checkpoints for _, page in batch)
-
-    def per_page_xor_zstd() -> int:
-        last = dict(enumerate(memory))
-        total = 0
-        for batch in checkpoints:
-            for pfn, page in batch:
-                total += len(cctx.compress(xor_pages(page, last[pfn])))
-                last[pfn] = page
-        return total
-
-    def batched_xor_zstd() -> int:
-        compressor = PageCompressor(cache_pages=len(memory))
-        list(compressor.compress([PageData(tuple(range(len(memory))), tuple(memory))]))  # warm cache
-        total = 0
-        for batch in checkpoints:
-            records = [PageData(tuple(p for p, _ in batch), tuple(d for _, d in batch))]
-            total += sum(len(b.frame) for b in compressor.compress(records))
-        return total
-
-    def raw() -> int:
-        return sum(len(b"".join(d for _, d in batch)) for batch in checkpoints)
-
-    results = {}
-    for name, fn in [("one zstd call per page (baseline)", per_page_zstd),
-                     ("XOR, one zstd call per page", per_page_xor_zstd),
-                     ("XOR, one zstd call per batch (remus)", batched_xor_zstd),
-                     ("raw pages (--no-compression)", raw)]:
-        results[name] = min(timed(fn) for _ in range(3))
-    base_t, base_b = results["one zstd call per page (baseline)"]
-    print(f"{args.rounds} checkpoints x {args.pages} dirty pages (64-byte edits), best of 3")
-    print(f"{'method':40} {'ms/checkpoint':>14} {'time ratio':>11} {'KiB/checkpoint':>15} {'size ratio':>11}")
-    for name, (seconds, size) in results.items():
-        print(f"{name:40} {seconds / args.rounds * 1000:14.2f} {seconds / base_t:11.2f} "
-              f"{size / args.rounds / 1024:15.1f} {size / base_b:11.3f}")
-    # The receiver's side, for the record.
-    compressor, decompressor = PageCompressor(cache_pages=len(memory)), PageDecompressor()
-    copy = dict(enumerate(memory))
-    list(compressor.compress([PageData(tuple(copy), tuple(copy.values()))]))
-    batches = [list(compressor.compress([PageData(tuple(p for p, _ in b), tuple(d for _, d in b))]))
-               for b in checkpoints]
-    start = time.perf_counter()
-    for checkpoint in batches:
-        for batch in checkpoint:
-            for word, page in decompressor.decompress(batch, copy.get):
-                copy[word] = page  # type: ignore[assignment]
-    print(f"receiver: {(time.perf_counter() - start) / args.rounds * 1000:.2f} ms/checkpoint to decompress")
+    built = wordrle.c_codec()
+    for pattern in args.patterns.split(","):
+        stream = capture(pattern, _parse_size(args.memory), args.checkpoints, args.dirty)
+        methods: dict[str, Callable[[], Encoder]] = {}
+        if built is not None:
+            methods["word-RLE in C, 8192-page cache (baseline)"] = lambda: word_rle_c(built, 8192)
+            methods["word-RLE in C, 16384-page cache"] = lambda: word_rle_c(built, DEFAULT_CACHE_PAGES)
+        else:
+            methods["word-RLE in Python, 8192 pages (baseline; no C compiler)"] = lambda: word_rle_py(8192)
+        if VECTORISED:
+            methods["remus, numpy (default)"] = lambda: remus(True)
+            methods["remus, numpy, plain LRU"] = lambda: remus(True, "lru")
+            methods["remus, numpy, 8192-page cache"] = lambda: remus(True, cache=8192)
+        methods["remus, pure Python"] = lambda: remus(False)
+        methods["remus XOR, zstd per page"] = lambda: remus_per_page_zstd()
+        results: dict[str, tuple[float, int, int]] = {}
+        for name, make in methods.items():
+            results[name] = min((run(make, stream) for _ in range(2)), key=lambda r: r[0])
+        raw = sum(raw_bytes(c) for c in stream.checkpoints)
+        base_s, base_b, base_first = next(iter(results.values()))
+        print(f"\npattern={pattern}: guest {args.memory}, {args.checkpoints} checkpoints, "
+              f"{stream.dirty_pages / args.checkpoints:.0f} dirty pages each ({raw / 1e6:.0f} MB raw), best of 2")
+        print(f"{'method':44} {'KiB/ckpt':>9} {'bytes/base':>10} {'MB/s':>7} {'speed/base':>10} "
+              f"{'first 10 /base':>14}")
+        for name, (seconds, size, first) in results.items():
+            print(f"{name:44} {size / args.checkpoints / 1024:9.1f} {size / base_b:10.3f} "
+                  f"{raw / seconds / 1e6:7.0f} {base_s / seconds:10.2f} {first / base_first:14.3f}")
+        decoders = [("numpy", True)] if VECTORISED else []
+        for label, vectorised in decoders + [("pure Python", False)]:
+            print(f"receiver decode ({label}): {decode_rate(stream, vectorised):.0f} MB/s")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ check failover_build $? "domu id $(xl domid domu 2>/dev/null), counter $(domu_co
 [ "$FAILS" = 0 ] || exit 1
 # The link is authenticated once main has remus-keygen (issue 8): both sides get a throw-away key.
 KEYARGS=
+MAXMEM=
+python3 $LAB_BUILD/bin/remus-receiver --help 2>/dev/null | grep -q -- --max-memory && MAXMEM="--max-memory 128G"
 if [ -f $LAB_BUILD/bin/remus-keygen ]; then
     python3 $LAB_BUILD/bin/remus-keygen --key-file "$KEY" --force > /dev/null && KEYARGS="--key-file $KEY"
 fi
@@ -108,8 +110,9 @@ runs_as_new() {
 
 start_protection() {  # $1: tag; remus-receiver --once, then remus -i 200 domu 127.0.0.1
     rm -f "$EVENTS" "$STATS"
+    # --max-memory: the Xen primary declares its domain's maximum (64G here, not the 128M it has).
     python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
-        --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
+        $MAXMEM --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
     RECEIVER=$!
     sleep 2
     # Background jobs of a non-interactive sh ignore SIGINT: give remus the default back.
