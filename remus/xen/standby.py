@@ -9,8 +9,8 @@ committed checkpoint behind the primary.
 
 Theory of operation.  ``committed(image, seq, changed_pfns)`` is called by the
 receiver after checkpoint ``seq`` was committed and acknowledged.  It never
-blocks on xl: it records the checkpoint in the *pending* slot (references to
-the image's page ``bytes`` of the pages it changed, and its state records)
+blocks on xl: it records the checkpoint in the *pending* slot (the pages it
+changed as the image returns them, and its state records)
 and wakes the feeder thread.  If the slot still holds a checkpoint xl has not
 been given yet, the two merge: the union of their pages at their latest
 contents, the newer state records.  So at most two checkpoints are in flight
