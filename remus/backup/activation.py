@@ -8,9 +8,15 @@ which picks by the session's kind:
   computed when it captured that checkpoint.  Its ``output=`` file is opened
   at session start, so a path the receiver cannot write is refused then, not
   at takeover.
-* ``xen``: the domain is restored with xl from the last committed checkpoint
-  (``remus.xen.restore``; a test may pass its own ``restore_xen``).  It runs
-  on its own afterwards and outlives the receiver.
+* ``xen``: a hot standby (``HotXenStandby``): ``xl migrate-receive -r`` keeps
+  the domain paused as ``NAME--incoming``, fed every committed checkpoint
+  (``remus.xen.standby``), and failover hands it the end of its stream.  The
+  cold path stays behind it: when the standby could not be started, broke on
+  the way, or fails to activate, the domain is restored with ``xl restore``
+  from the image (``remus.xen.restore``; a test may pass its own
+  ``restore_xen``, and then gets the cold path alone unless it also passes
+  ``start_hot_xen``).  Either way the domain runs on its own afterwards and
+  outlives the receiver.
 
 A session that replicates disks gets its standby wrapped in ``DiskStandby``:
 the replicas (``remus.disk.replica``) are handed over before the domain is
@@ -25,6 +31,7 @@ messages.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol
 
@@ -38,6 +45,8 @@ if TYPE_CHECKING:
 #: ``restore_xen(session_info, image)`` recreates a Xen domain from the committed image and
 #: returns what to report about it (``domid``, ``restore_s``, ...); see ``remus.xen.restore``.
 XenRestorer = Callable[[Mapping[str, Any], Image], dict[str, Any]]
+
+log = logging.getLogger(__name__)
 
 
 class Standby(Protocol):
@@ -113,18 +122,19 @@ def _size(n: int) -> str:
 
 
 def open_standby(info: Mapping[str, Any], *, restore_xen: Optional[XenRestorer] = None,
-                 disks: Optional["ReplicaSet"] = None) -> Standby:
-    """The standby for a session that was just opened (``disks``: its disk replicas, if any).
+                 disks: Optional["ReplicaSet"] = None, start_hot_xen: Optional["HotStarter"] = None) -> Standby:
+    """The standby for a session that was just opened (``disks``: its disk replicas, if any;
+    ``start_hot_xen``: how to start a Xen domain's hot standby, see the module docstring).
 
     Raises:
         RemusError: the session cannot be taken (the reason goes back to the primary).
     """
-    standby = _open_domain_standby(info, restore_xen, disks)
+    standby = _open_domain_standby(info, restore_xen, disks, start_hot_xen)
     return standby if disks is None else DiskStandby(standby, disks)
 
 
 def _open_domain_standby(info: Mapping[str, Any], restore_xen: Optional[XenRestorer],
-                         disks: Optional["ReplicaSet"]) -> Standby:
+                         disks: Optional["ReplicaSet"], start_hot_xen: Optional["HotStarter"]) -> Standby:
     kind = info.get("kind")
     if kind == "sim":
         return SimStandby(info)
@@ -136,7 +146,10 @@ def _open_domain_standby(info: Mapping[str, Any], restore_xen: Optional[XenResto
             from remus.disk.replica import retarget_config  # the domain runs on the replicas
 
             info = dict(info, libxl_config=retarget_config(info["libxl_config"], disks.path_map()))
-        return ColdXenStandby(info, restore_xen)
+        cold = ColdXenStandby(info, restore_xen)
+        if start_hot_xen is None and restore_xen is None:
+            start_hot_xen = _start_xen_standby
+        return cold if start_hot_xen is None else HotXenStandby(info, cold, start_hot_xen)
     raise UsageError(f"unknown domain kind {kind!r}")
 
 
@@ -229,6 +242,76 @@ class ColdXenStandby:
         """A restored Xen domain runs on its own: nothing to stop."""
 
 
+# ---- hot standby (issue 10) --------------------------------------------------------------------
+class HotStandby(Protocol):
+    """What ``remus.xen.standby.XenStandby`` offers (a Standby without ``close``)."""
+
+    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None: ...
+
+    def activate(self) -> dict[str, Any]: ...
+
+    def discard(self) -> None: ...
+
+
+#: ``start_hot_xen(session_info)`` starts a hot standby (raises RemusError if it cannot).
+HotStarter = Callable[[Mapping[str, Any]], HotStandby]
+
+
+def _start_xen_standby(info: Mapping[str, Any]) -> HotStandby:
+    from remus.xen.standby import XenStandby
+
+    return XenStandby.start(info)
+
+
+class HotXenStandby:
+    """A Xen domain kept ready by ``xl migrate-receive -r``, with ``xl restore`` of the image behind it.
+
+    The hot standby is started with the session; if it cannot be, the session
+    goes on with the cold path alone (``cold_reason`` says why, and the
+    activation's details carry it).  Activation tries the hot standby first;
+    if that fails (it destroys what it prepared), the cold path restores the
+    image.
+    """
+
+    def __init__(self, info: Mapping[str, Any], cold: ColdXenStandby, start: HotStarter) -> None:
+        self.cold = cold
+        self.cold_reason: Optional[str] = None
+        self.hot: Optional[HotStandby] = None
+        try:
+            self.hot = start(info)
+        except RemusError as exc:
+            self.cold_reason = f"no hot standby: {exc}"
+            log.warning("%s: %s; a failover would restore it with xl restore", info.get("domain"), self.cold_reason)
+
+    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None:
+        self.cold.committed(image, seq, changed_pfns)
+        if self.hot is not None:
+            self.hot.committed(image, seq, changed_pfns)
+
+    def activate(self) -> dict[str, Any]:
+        hot, self.hot = self.hot, None
+        if hot is not None:
+            try:
+                return hot.activate()
+            except RemusError as exc:
+                self.cold_reason = f"the hot standby failed: {exc}"
+                log.warning("%s; restoring with xl restore", self.cold_reason)
+        details = self.cold.activate()
+        details["standby"] = False
+        details["cold_reason"] = self.cold_reason
+        return details
+
+    def discard(self) -> None:
+        hot, self.hot = self.hot, None
+        if hot is not None:
+            hot.discard()
+        self.cold.discard()
+
+    def close(self) -> None:
+        """A Xen domain runs on its own: nothing to stop."""
+# ---- end of hot standby ---------------------------------------------------------------------------
+
+
 def _check_appendable(path: str) -> None:
     """Refuse an ``output=`` file the receiver could not append to at takeover."""
     try:
@@ -239,6 +322,7 @@ def _check_appendable(path: str) -> None:
 
 
 __all__ = [
-    "ColdXenStandby", "DiskStandby", "RemusError", "SimStandby", "Standby", "XenRestorer", "check_capacity",
+    "ColdXenStandby", "DiskStandby", "HotStarter", "HotXenStandby", "RemusError", "SimStandby", "Standby",
+    "XenRestorer", "check_capacity",
     "default_max_memory", "memory_of", "open_standby",
 ]

@@ -54,7 +54,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from remus.backup.activation import XenRestorer, default_max_memory, open_standby
+from remus.backup.activation import HotStarter, XenRestorer, default_max_memory, open_standby
 from remus.backup.control import ControlSocket
 from remus.backup.listening import (
     address_only,
@@ -135,6 +135,7 @@ class Receiver:
         on_progress: Optional[Callable[[BackupSession], None]] = None,
         restore_xen: Optional[XenRestorer] = None,
         disk_root: str = "",
+        start_hot_xen: Optional[HotStarter] = None,
     ) -> None:
         if takeover not in ("auto", "manual"):
             raise ValueError(f"takeover must be auto or manual, not {takeover!r}")
@@ -158,6 +159,7 @@ class Receiver:
         self.on_progress = on_progress
         self.restore_xen = restore_xen
         self.disk_root = disk_root  # disk replicas under this directory (remus.disk.replica)
+        self.start_hot_xen = start_hot_xen  # hot standby (issue 10): None: remus.xen.standby unless restore_xen
         self.bound_port: Optional[int] = None
         self._listener: Optional[socket.socket] = None
         self._control: Optional[ControlSocket] = None
@@ -459,7 +461,8 @@ class Receiver:
                       f"{time.strftime('%H:%M:%S', time.localtime(running.since_unix))}; stop it here before "
                       "protecting it again")
         try:
-            live.standby = open_standby(info, restore_xen=self.restore_xen, disks=live.session.disks)
+            live.standby = open_standby(info, restore_xen=self.restore_xen, disks=live.session.disks,
+                                        start_hot_xen=self.start_hot_xen)
         except RemusError as exc:
             return self._refuse_live(live, f"cannot take domain {info.get('domain')!r}: {exc}")
         if self._held is not None and self._held.name == name:

@@ -1,7 +1,11 @@
-"""An xl save file built from the backup's image: what ``xl restore`` reads to recreate a domain.
+"""xl's streams built from the backup's image: the save file ``xl restore`` reads to recreate a
+domain, and the checkpointed stream ``xl migrate-receive -r`` reads to keep a standby.
 
-Pure: no files, no processes, no Xen.  ``remus.xen.restore`` feeds what this
-builds to ``xl restore``.
+Pure: no files, no processes, no Xen.  ``remus.xen.restore`` feeds the save
+file to ``xl restore``; ``remus.xen.standby`` feeds the checkpointed stream
+(``checkpointed_opening``, then ``checkpoint_pieces`` per checkpoint: the same
+headers and records, with libxc's CHECKPOINT and libxl's CHECKPOINT_END where
+the save file has END records) to ``xl migrate-receive -r``.
 
 The file is what ``xl save`` writes (Xen 4.17, tools/xl/xl_saverestore.c and
 xl.h; docs/specs/libxl-migration-stream.pandoc and libxc-migration-stream.pandoc)::
@@ -33,7 +37,7 @@ import itertools
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError
 from remus.backup.image import Image
@@ -43,6 +47,7 @@ from remus.stream.records import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
     DomainHeader,
+    Record,
     XenRecord,
     XenRecType,
     record_type,
@@ -60,6 +65,7 @@ RESTORE_STREAM_IDENT = 0x4C6962786C466D74  # "LibxlFmt"
 RESTORE_STREAM_VERSION = 2
 LIBXL_REC_TYPE_END = 0
 LIBXL_REC_TYPE_LIBXC_CONTEXT = 1
+LIBXL_REC_TYPE_CHECKPOINT_END = 4
 _LIBXL_HEADER = struct.Struct(">QII")
 _LIBXL_RECORD = struct.Struct("<II")
 
@@ -114,7 +120,7 @@ def libxl_header() -> bytes:
 
 
 def libxl_record(rtype: int) -> bytes:
-    """An empty libxl record (END, LIBXC_CONTEXT)."""
+    """An empty libxl record (END, LIBXC_CONTEXT, CHECKPOINT_END)."""
     return _LIBXL_RECORD.pack(rtype, 0)
 
 
@@ -158,9 +164,17 @@ def _libxc_pieces(image: Image, header: DomainHeader) -> Iterator[bytes]:
     yield header.encode_body()
     for record in image.static_records():
         yield encode_record(record)
-    pfns = sorted(image.pages)
+    yield from page_data(image.pages, sorted(image.pages))
+    for record in image.state_records():
+        yield encode_record(record)
+    yield encode_record(XenRecord(XenRecType.END, b""))
+
+
+def page_data(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Sequence[int]) -> Iterator[bytes]:
+    """PAGE_DATA records of ``pfns`` (in that order), in pieces: the head of each record
+    (record header, count, pfn words) and then its pages, the ``bytes`` of ``pages`` as they are."""
     for start in range(0, len(pfns), MAX_BATCH_PAGES):
-        entries = [image.pages[pfn] for pfn in pfns[start : start + MAX_BATCH_PAGES]]
+        entries = [pages[pfn] for pfn in pfns[start : start + MAX_BATCH_PAGES]]
         datas = [data for _word, data in entries if data is not None]
         # PAGE_DATA (see PageData): 8-octet aligned without padding, pages being 4096 octets.
         count = len(entries)
@@ -168,9 +182,6 @@ def _libxc_pieces(image: Image, header: DomainHeader) -> Iterator[bytes]:
                            count, 0, *(word for word, _data in entries))
         yield head
         yield from datas
-    for record in image.state_records():
-        yield encode_record(record)
-    yield encode_record(XenRecord(XenRecType.END, b""))
 
 
 def save_file(image: Image, config: DomainConfig) -> Iterator[bytes]:
@@ -183,3 +194,36 @@ def save_file(image: Image, config: DomainConfig) -> Iterator[bytes]:
     """
     opening = xl_header(config.for_restore()) + libxl_header() + libxl_record(LIBXL_REC_TYPE_LIBXC_CONTEXT)
     return itertools.chain((opening,), libxc_stream(image), (libxl_record(LIBXL_REC_TYPE_END),))
+
+
+# -- the checkpointed stream of a standby (``remus.xen.standby``) -----------------------------
+#: The last piece of every checkpoint: libxc's CHECKPOINT and libxl's CHECKPOINT_END, 16 bytes
+#: to be written in one write (a pipe write of at most PIPE_BUF bytes is never split), so xl
+#: never sees the end of the stream between them.
+CHECKPOINT_TAIL = encode_record(XenRecord(XenRecType.CHECKPOINT, b"")) + libxl_record(LIBXL_REC_TYPE_CHECKPOINT_END)
+
+
+def checkpointed_opening(config: DomainConfig) -> bytes:
+    """What ``xl migrate-receive -r`` reads before libxc's stream: xl's header with the
+    configuration, libxl's stream header and its LIBXC_CONTEXT record."""
+    return xl_header(config.for_restore()) + libxl_header() + libxl_record(LIBXL_REC_TYPE_LIBXC_CONTEXT)
+
+
+def checkpoint_pieces(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Sequence[int],
+                      state: Sequence[Record], opening: Sequence[Record] = (),
+                      header: Optional[DomainHeader] = None) -> Iterator[bytes]:
+    """One checkpoint of a REMUS libxc stream, in pieces, ending with ``CHECKPOINT_TAIL``.
+
+    The first checkpoint of a stream passes ``header`` (libxc's image and domain
+    headers) and ``opening`` (the static records, sent once: libxc refuses them
+    twice); every checkpoint carries the pages ``pfns`` (their latest
+    contents in ``pages``) and ``state`` (TSC, shared info, vCPU records).
+    """
+    if header is not None:
+        yield header.encode_body()
+    for record in opening:
+        yield encode_record(record)
+    yield from page_data(pages, pfns)
+    for record in state:
+        yield encode_record(record)
+    yield CHECKPOINT_TAIL

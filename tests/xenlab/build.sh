@@ -33,7 +33,7 @@ HOST_PKGS="qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs 
 DOM0_PKGS="linux-image-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
     python3 python3-cffi python3-zstandard python3-netifaces python3-docopt python3-setuptools
     python3-dev gcc libc6-dev libxen-dev iproute2 tcpdump busybox kmod udev procps
-    python3-pytest"
+    python3-pytest python3-cryptography"
 ALL_STAGES="host rootfs xen xensrc domu image"
 STAGES=${STAGES:-$ALL_STAGES}
 declare -A DEPS=([host]="" [rootfs]="" [xen]="rootfs" [xensrc]="xen" [domu]="" [image]="rootfs xen domu")

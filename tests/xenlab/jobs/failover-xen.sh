@@ -1,24 +1,37 @@
 #!/bin/sh
-# Lab job (runs in dom0): failover of the lab's PV guest to a remus-receiver on the same host.
+# Lab job (runs in dom0): the hot standby and failover of the lab's PV guest to a remus-receiver
+# on the same host, and the same failover by `xl remus` for comparison, in one boot.
 #
-#   failover_build  the project and its cffi binding build in dom0, the guest runs
-#   failover_xen    remus-receiver --once, then remus -i 200 domu 127.0.0.1 until its first
-#                   checkpoint (the live copy of the whole guest) and REMUS_LAB_FAILOVER_MORE (3)
-#                   more acknowledged ones; then the primary dies: remus is frozen (SIGSTOP), the
-#                   domain destroyed, remus SIGKILLed.  The receiver must activate domu from its
-#                   last acknowledged checkpoint and say so in one line (exit 0); the new domu
-#                   runs (r or b) under its new id; its console counter goes on from where the
-#                   primary's was (every value it prints is above the last one printed before
-#                   the last acknowledged checkpoint, so no fresh boot) and keeps advancing.
-#                   Measured: SIGKILL to activation, the restore alone, SIGKILL to the guest's
-#                   next console line.
+#   failover_build     the project and its cffi binding build in dom0, the guest runs
+#   standby_orderly    remus-receiver --once and remus -i 200 domu 127.0.0.1 until 2 checkpoints
+#                      are acknowledged, `domu--incoming` paused meanwhile; then remus is stopped
+#                      by SIGINT: the receiver exits 0, exactly one `domu` (the primary, running)
+#                      and no `domu--incoming` are left
+#   standby_receiver_killed  the same, then the receiver is SIGKILLed: its guard destroys the
+#                      standby (no failover), the primary runs on, no second domu appears
+#   failover_xen       the same until the first checkpoint and REMUS_LAB_FAILOVER_MORE (3) more;
+#                      `domu--incoming` paused; the receiver's RSS measured; then the primary
+#                      dies: remus is frozen (SIGSTOP), the domain destroyed, remus SIGKILLed.  The
+#                      receiver must activate domu from its last acknowledged checkpoint and say
+#                      so in one line (exit 0); the new domu runs (r or b) under its new id; its
+#                      console counter goes on from where the primary's was (every value it
+#                      prints is above the last one printed before the last acknowledged
+#                      checkpoint, so no fresh boot) and keeps advancing.
+#                      Measured: SIGKILL to running (polled with xl list), SIGKILL to the guest's
+#                      next console line, activate() alone (restore_s)
+#   xl_remus_failover  `xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r'` on the
+#                      failed-over guest, killed the same way after its first checkpoint and 3
+#                      more; measured the same; the ratio remus/xl (a measurement, not an assertion)
 #
 # Why freeze, destroy, then kill: on one host the backup can take the name domu only once the
-# primary's domain is gone (XENLAB.md), and a remus left running would see its domain die and
+# primary's domain is gone (XENLAB.md), and a primary left running would see its domain die and
 # end its session before `xl destroy` had released the name.  Frozen, it sends nothing; the
-# SIGKILL then closes its connection, which the receiver sees at once as the primary's death
+# SIGKILL then closes its connection, which the backup sees at once as the primary's death
 # (a heartbeat timeout of 60 s keeps the frozen seconds from counting as one).
-# The restored domu stays for the jobs after this one (it is destroyed if it does not run).
+# FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
+# A standby gets its console (and xenconsoled its log file, named after the domain then) only at
+# failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
+# end the failed-over guest is replaced by a freshly created domu for the jobs after this one.
 . "$REMUS_LAB_SRC/tests/xenlab/dom0-lib.sh"
 FIRST_TIMEOUT=${REMUS_LAB_FIRST_TIMEOUT:-600}
 MORE=${REMUS_LAB_FAILOVER_MORE:-3}
@@ -26,12 +39,22 @@ RESTORE_TIMEOUT=${REMUS_LAB_RESTORE_TIMEOUT:-900}
 OUTD=$REMUS_LAB_OUT
 EVENTS=$OUTD/failover-events.jsonl
 STATS=$OUTD/failover-stats.jsonl
+CONSOLES="/var/log/xen/console/guest-domu.log /var/log/xen/console/guest-domu--incoming.log"
+PARTS=${FAILOVER_PARTS:-"orderly receiver-killed failover peer"}
+has_part() { case " $PARTS " in *" $1 "*) true ;; *) false ;; esac; }
+KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
 check failover_build $? "domu id $(xl domid domu 2>/dev/null), counter $(domu_counter), state $(domu_state)"
 [ "$FAILS" = 0 ] || exit 1
-OLD_DOMID=$(xl domid domu)
+# The link is authenticated once main has remus-keygen (issue 8): both sides get a throw-away key.
+KEYARGS=
+MAXMEM=
+python3 $LAB_BUILD/bin/remus-receiver --help 2>/dev/null | grep -q -- --max-memory && MAXMEM="--max-memory 128G"
+if [ -f $LAB_BUILD/bin/remus-keygen ]; then
+    python3 $LAB_BUILD/bin/remus-keygen --key-file "$KEY" --force > /dev/null && KEYARGS="--key-file $KEY"
+fi
 
 # commits: how many checkpoints the receiver has committed (and acknowledged) so far
 commits() { count_lines "$EVENTS" '"event": "commit"'; }
@@ -43,36 +66,137 @@ wait_for() {
         sleep 0.5
     done
 }
+# wait_fast SECONDS COMMAND...: the same, polled every 0.1 s (for the failover timings)
+wait_fast() {
+    _until=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
+    until "$@"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
+        sleep 0.1
+    done
+}
 gone() { ! kill -0 "$1" 2>/dev/null; }
 # commits_reach N: N checkpoints committed, or no point waiting (remus or the receiver ended)
 commits_reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
 # both_run_with N: N checkpoints committed and both still running
 both_run_with() { [ "$(commits)" -ge "$1" ] && ! gone $REMUS && ! gone $RECEIVER; }
+no_domain() { ! xl domid "$1" > /dev/null 2>&1; }
+domains_named() { xl list 2>/dev/null | awk -v n="$1" '$1 == n' | grep -c ''; }
+rss_mib() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$1/status 2>/dev/null; }
+hwm_mib() { awk '/^VmHWM/ {printf "%.0f", $2 / 1024}' /proc/$1/status 2>/dev/null; }
+# console_marks: the line count of each console log (new lines are those beyond it)
+console_marks() { for f in $CONSOLES; do grep -c '' "$f" 2>/dev/null || echo 0; done | tr '\n' ' '; }
+# new_counters MARKS: counter values printed beyond MARKS in either log, in order of arrival
+new_counters() {
+    set -- $1
+    for f in $CONSOLES; do
+        tail -n +$(( ${1:-0} + 1 )) "$f" 2>/dev/null | sed -n 's/.*domU counter \([0-9]*\).*/\1/p'
+        shift
+    done
+}
+has_new_counters() { [ "$(new_counters "$1" | grep -c '')" -ge "$2" ]; }
+# the_counter_log MARKS: the log the new domain writes to (it becomes DOMU_CONSOLE)
+the_counter_log() {
+    set -- $1
+    for f in $CONSOLES; do
+        [ "$(tail -n +$(( ${1:-0} + 1 )) "$f" 2>/dev/null | grep -c 'domU counter')" -gt 0 ] && echo "$f"
+        shift
+    done | tail -1
+}
+# runs_as_new DOMID: domu exists under another id than DOMID and runs (r or b)
+runs_as_new() {
+    _id=$(xl domid domu 2>/dev/null)
+    [ -n "$_id" ] && [ "$_id" != "$1" ] && case $(domu_state) in r-----|-b----) true ;; *) false ;; esac
+}
 
-section "remus-receiver --once, then remus -i 200 domu 127.0.0.1"
-rm -f "$EVENTS" "$STATS"
-python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 \
-    --events-json "$EVENTS" > $OUTD/failover-receiver.log 2>&1 &
-RECEIVER=$!
-sleep 2
-# Background jobs of a non-interactive sh ignore SIGINT: give remus the default back.
-# --ack-timeout: under emulation the receiver can take longer than the default 5 s to take in
-# a megabyte of the first checkpoint (the whole guest), and remus would count it as lost.
-env --default-signal=INT python3 $LAB_BUILD/bin/remus -i 200 --ack-timeout 60000 --stats-json "$STATS" \
-    domu 127.0.0.1 > $OUTD/failover-remus.log 2>&1 &
-REMUS=$!
-t_start=$(uptime_s)
+start_protection() {  # $1: tag; remus-receiver --once, then remus -i 200 domu 127.0.0.1
+    rm -f "$EVENTS" "$STATS"
+    # --max-memory: the Xen primary declares its domain's maximum (64G here, not the 128M it has).
+    python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
+        $MAXMEM --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
+    RECEIVER=$!
+    sleep 2
+    # Background jobs of a non-interactive sh ignore SIGINT: give remus the default back.
+    # --ack-timeout: under emulation the receiver can take longer than the default 5 s to take in
+    # a megabyte of the first checkpoint (the whole guest), and remus would count it as lost.
+    env --default-signal=INT python3 $LAB_BUILD/bin/remus -i 200 --ack-timeout 60000 --stats-json "$STATS" \
+        $KEYARGS domu 127.0.0.1 > $OUTD/$1-remus.log 2>&1 &
+    REMUS=$!
+    t_start=$(uptime_s)
+}
 
-fail_and_stop() {
-    result failover_xen FAIL "$*"
+fail_and_stop() {  # $1: result name; the rest: why
+    _name=$1; shift
+    result $_name FAIL "$*"
     kill -KILL $REMUS $RECEIVER 2>/dev/null
-    echo "--- remus:"; cat $OUTD/failover-remus.log
-    echo "--- receiver:"; cat $OUTD/failover-receiver.log
+    echo "--- remus:"; cat $OUTD/$_name-remus.log
+    echo "--- receiver:"; cat $OUTD/$_name-receiver.log
+    xl list
     exit 1
 }
 
+# ---------------------------------------------------------------------------------------------
+OLD_DOMID=$(xl domid domu)
+if has_part orderly; then
+section "standby, then an orderly stop: remus-receiver --once, remus -i 200 domu 127.0.0.1, SIGINT"
+start_protection standby_orderly
+wait_for "$FIRST_TIMEOUT" commits_reach 2
+both_run_with 2 || fail_and_stop standby_orderly "no 2 checkpoints ($(since "$t_start")s after remus started)"
+wait_for 60 xl domid domu--incoming > /dev/null 2>&1
+incoming_state=$(xl_state domu--incoming)
+rss=$(rss_mib $RECEIVER)
+kill -INT $REMUS
+wait_for 120 gone $RECEIVER
+gone $RECEIVER || fail_and_stop standby_orderly "the receiver did not end within 120 s of remus's SIGINT"
+wait $REMUS; remus_rc=$?
+wait $RECEIVER; rrc=$?
+tail -3 $OUTD/standby_orderly-receiver.log
+xl list
+ok=0
+[ "$rrc" = 0 ] || ok=1
+case $incoming_state in --p---|--p*) ;; *) ok=1 ;; esac
+[ "$(domains_named domu)" = 1 ] && [ "$(xl domid domu)" = "$OLD_DOMID" ] || ok=1
+no_domain domu--incoming || ok=1
+guest_runs || ok=1
+check standby_orderly $ok "receiver exit $rrc, remus exit $remus_rc; domu--incoming was $incoming_state" \
+    "during protection (receiver RSS ${rss} MiB); after the stop: $(domains_named domu) domu (id" \
+    "$(xl domid domu 2>/dev/null), state $(domu_state)), domu--incoming: $(xl domid domu--incoming 2>/dev/null || echo none)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+if has_part receiver-killed; then
+section "standby, then the receiver is SIGKILLed: its guard destroys the standby, no failover"
+start_protection standby_receiver_killed
+wait_for "$FIRST_TIMEOUT" commits_reach 2
+both_run_with 2 || fail_and_stop standby_receiver_killed "no 2 checkpoints ($(since "$t_start")s after remus started)"
+wait_for 60 xl domid domu--incoming > /dev/null 2>&1
+incoming_state=$(xl_state domu--incoming)
+t_kill=$(uptime_s)
+kill -KILL $RECEIVER
+wait $RECEIVER 2>/dev/null
+wait_for 60 no_domain domu--incoming
+destroyed_s=$(since "$t_kill")
+# remus notices that its backup is gone (the connection closes) and keeps the guest running
+wait_for 120 gone $REMUS
+if gone $REMUS; then wait $REMUS; remus_rc=$?; else kill -INT $REMUS; wait $REMUS; remus_rc="still running (stopped by SIGINT, exit $?)"; fi
+tail -2 $OUTD/standby_receiver_killed-remus.log
+sleep 3  # a failover, had one started, would have made a second domu by now
+xl list
+ok=0
+case $incoming_state in --p---|--p*) ;; *) ok=1 ;; esac
+no_domain domu--incoming || ok=1
+[ "$(domains_named domu)" = 1 ] && [ "$(xl domid domu)" = "$OLD_DOMID" ] || ok=1
+guest_runs || ok=1
+check standby_receiver_killed $ok "domu--incoming was $incoming_state; receiver SIGKILLed: standby gone" \
+    "${destroyed_s}s later ($(xl domid domu--incoming 2>/dev/null || echo none) left); remus: $remus_rc;" \
+    "$(domains_named domu) domu (id $(xl domid domu 2>/dev/null), state $(domu_state))"
+fi
+
+# ---------------------------------------------------------------------------------------------
+has_part failover || exit $FAILS
+section "failover to the standby: the primary dies after its first checkpoint and $MORE more"
+start_protection failover_xen
 wait_for "$FIRST_TIMEOUT" commits_reach 1
-both_run_with 1 || fail_and_stop "no first checkpoint ($(since "$t_start")s after remus started)"
+both_run_with 1 || fail_and_stop failover_xen "no first checkpoint ($(since "$t_start")s after remus started)"
 first_s=$(since "$t_start")
 echo "first checkpoint committed after ${first_s}s"
 # A checkpoint suspended after this counter was read holds a counter at least this high, and
@@ -80,15 +204,21 @@ echo "first checkpoint committed after ${first_s}s"
 mark=$(domu_counter)
 n0=$(commits)
 wait_for 300 commits_reach $((n0 + MORE))
-both_run_with $((n0 + MORE)) || fail_and_stop "no $MORE more checkpoints after the first"
-echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; the primary dies now"
-
+both_run_with $((n0 + MORE)) || fail_and_stop failover_xen "no $MORE more checkpoints after the first"
+incoming_state=$(xl_state domu--incoming)
+incoming_mem=$(xl list domu--incoming 2>/dev/null | awk 'NR == 2 {print $3}')
+rss=$(rss_mib $RECEIVER) hwm=$(hwm_mib $RECEIVER)
+guest_mib=$(xl list domu | awk 'NR == 2 {print $3}')
+echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
+     "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
 kill -STOP $REMUS
 xl destroy domu
-lines_before=$(grep -c '' $DOMU_CONSOLE)  # not wc -l: its AVX2 path dies of SIGILL in this dom0
+marks=$(console_marks)
 t_kill=$(uptime_s)
 kill -KILL $REMUS
 wait $REMUS 2>/dev/null
+wait_fast 120 runs_as_new "$OLD_DOMID"
+running_s=$(since "$t_kill")
 acked=$(python3 -c 'import json, sys
 seqs = []
 for line in open(sys.argv[1]):
@@ -100,33 +230,29 @@ for line in open(sys.argv[1]):
         seqs.append(event["seq"])
 print(max(seqs, default=0))' "$STATS")
 
+wait_fast 120 has_new_counters "$marks" 1
+printing_s=$(since "$t_kill")
 wait_for "$RESTORE_TIMEOUT" gone $RECEIVER
-activated_s=$(since "$t_kill")
-gone $RECEIVER || fail_and_stop "the receiver did not finish within ${RESTORE_TIMEOUT}s of the SIGKILL"
+gone $RECEIVER || fail_and_stop failover_xen "the receiver did not finish within ${RESTORE_TIMEOUT}s of the SIGKILL"
 wait $RECEIVER
 rrc=$?
-cat $OUTD/failover-receiver.log
+cat $OUTD/failover_xen-receiver.log
 xl list
 python3 - "$EVENTS" > $OUTD/failover-activated.env <<'EOF'
 import json, sys
 events = [e for e in map(json.loads, open(sys.argv[1])) if e.get("event") == "activated"]
 e = events[-1] if events else {}
 print(f"seq={e.get('seq', 0)} domid={e.get('domid', -1)} restore_s={e.get('restore_s', 0)} "
-      f"age_s={round(e.get('age_s', 0), 2)}")
+      f"age_s={round(e.get('age_s', 0), 2)} standby={'yes' if e.get('standby') else 'no'}")
 EOF
 . $OUTD/failover-activated.env
 said=$(grep -c "activated xen:domu from checkpoint $seq (.* old); it runs as domain $domid" \
-       $OUTD/failover-receiver.log)
+       $OUTD/failover_xen-receiver.log)
 
-# The restored guest: running, under the name domu, printing its counter again.
-new_lines() { tail -n +$((lines_before + 1)) $DOMU_CONSOLE | sed -n 's/.*domU counter \([0-9]*\).*/\1/p'; }
-has_new_lines() { [ "$(new_lines | grep -c '')" -ge "$1" ]; }
-wait_for 120 has_new_lines 1
-printing_s=$(since "$t_kill")
-wait_for 60 has_new_lines 3
+wait_for 60 has_new_counters "$marks" 3
 guest_runs; runs=$?
 state=$(domu_state)
-counters=$(new_lines | tr '\n' ' ')
+counters=$(new_counters "$marks" | tr '\n' ' ')
 echo "counter before checkpoint $((n0 + 2)): $mark; printed since the failover: $counters"
 verdict=$(python3 -c 'import sys
 mark, seen = int(sys.argv[1]), [int(c) for c in sys.argv[2].split()]
@@ -134,20 +260,77 @@ if len(seen) < 3: print("fewer than 3 counter lines after the failover")
 elif min(seen) <= mark: print(f"the counter went back to {min(seen)} (at most {mark}): a fresh boot?")
 elif seen[-1] <= seen[0]: print("the counter does not advance")
 else: print("ok")' "${mark:-0}" "$counters")
+NEW_LOG=$(the_counter_log "$marks")
+[ -n "$NEW_LOG" ] && DOMU_CONSOLE=$NEW_LOG
 
 ok=0
 [ "$rrc" = 0 ] || ok=1
 [ "$said" = 1 ] || ok=1
+[ "$standby" = yes ] || ok=1
+case $incoming_state in --p---|--p*) ;; *) ok=1 ;; esac
 [ "$seq" -ge "$acked" ] && [ "$seq" -le $((acked + 1)) ] || ok=1
 [ "$(xl domid domu 2>/dev/null)" = "$domid" ] && [ "$domid" != "$OLD_DOMID" ] || ok=1
+no_domain domu--incoming || ok=1
 [ $runs = 0 ] || ok=1
 [ "$verdict" = ok ] || ok=1
-check failover_xen $ok "receiver exit $rrc; activated checkpoint $seq (the last ack remus saw: $acked;" \
-    "$age_s s old) as domain $domid (was $OLD_DOMID), state $state; failover ${activated_s}s from" \
-    "SIGKILL (restore ${restore_s}s), guest printing again ${printing_s}s after it; counter $mark" \
-    "before checkpoint $((n0 + 2)), then $(echo $counters | cut -d' ' -f1-4) ... ($verdict);" \
-    "first checkpoint after ${first_s}s"
-if [ $runs != 0 ] && xl domid domu > /dev/null 2>&1; then
-    xl destroy domu  # the next job creates a fresh one
+check failover_xen $ok "receiver exit $rrc; standby domu--incoming $incoming_state during protection;" \
+    "activated checkpoint $seq (the last ack remus saw: $acked; $age_s s old; standby: $standby) as domain" \
+    "$domid (was $OLD_DOMID), state $state; SIGKILL to running ${running_s}s, to the guest's next line" \
+    "${printing_s}s (activate() ${restore_s}s); counter $mark before checkpoint $((n0 + 2)), then" \
+    "$(echo $counters | cut -d' ' -f1-4) ... ($verdict); first checkpoint after ${first_s}s;" \
+    "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
+REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s
+
+# ---------------------------------------------------------------------------------------------
+section "the peer: xl remus -F -n -i 200 -s '' domu 'xl migrate-receive -r', killed the same way"
+if ! has_part peer; then
+    :
+elif [ $runs = 0 ]; then
+    PEER_OLD=$(xl domid domu)
+    xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r' > $OUTD/xl-remus-failover.log 2>&1 &
+    XLREMUS=$!
+    t_start=$(uptime_s)
+    xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
+    xl_reach() { [ "$(xl_checkpoints)" -ge "$1" ] || gone $XLREMUS; }
+    wait_for "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
+    peer_first=$(since "$t_start")
+    incoming_state=$(xl_state domu--incoming)
+    if [ "$(xl_checkpoints)" -ge $((1 + MORE)) ] && ! gone $XLREMUS; then
+        kill -STOP $XLREMUS
+        xl destroy domu
+        marks=$(console_marks)
+        t_kill=$(uptime_s)
+        kill -KILL $XLREMUS
+        wait $XLREMUS 2>/dev/null
+        wait_fast 120 runs_as_new "$PEER_OLD"
+        xl_running_s=$(since "$t_kill")
+        wait_fast 120 has_new_counters "$marks" 1
+        xl_printing_s=$(since "$t_kill")
+        wait_for 30 has_new_counters "$marks" 3
+        xl list
+        peer_counters=$(new_counters "$marks" | tr '\n' ' ')
+        if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
+            ratio=$(python3 -c "print(round($REMUS_RUNNING_S / $xl_running_s, 2), round($REMUS_PRINTING_S / $xl_printing_s, 2))")
+            result xl_remus_failover PASS "xl remus (domu--incoming $incoming_state, $(xl_checkpoints)" \
+                "checkpoints after ${peer_first}s): SIGKILL to running ${xl_running_s}s, to the guest's next" \
+                "line ${xl_printing_s}s (counter then: $(echo $peer_counters | cut -d' ' -f1-3)); remus:" \
+                "${REMUS_RUNNING_S}s and ${REMUS_PRINTING_S}s; ratio remus/xl (running, printing) = $ratio"
+        else
+            result xl_remus_failover SKIP "xl remus's standby did not run as domu within 120 s of the SIGKILL" \
+                "(see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
+            grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
+        fi
+    else
+        kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS
+        result xl_remus_failover SKIP "xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s" \
+            "(exit $?; see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
+        grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
+    fi
+else
+    result xl_remus_failover SKIP "remus's failed-over guest does not run"
 fi
+
+# A fresh domu (logging to guest-domu.log) for the jobs after this one.
+for name in domu domu--incoming; do xl destroy $name > /dev/null 2>&1; done
+lab_domu_up || result failover_cleanup FAIL "a fresh domu did not come up"
 exit $FAILS

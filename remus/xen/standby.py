@@ -1,0 +1,405 @@
+"""A hot standby of a protected Xen domain: ``xl migrate-receive -r`` fed checkpoint by checkpoint.
+
+``XenStandby.start(info)`` runs when a Xen session opens.  It starts Xen's own
+receiving side of ``xl remus``, ``xl migrate-receive -r``, in its own session
+with pipes for its stdin and stdout, and a guard process
+(``remus.xen.standby_guard``) holding a second write end of xl's stdin.  xl
+creates the domain paused as ``NAME--incoming``; from then on it keeps it one
+committed checkpoint behind the primary.
+
+Theory of operation.  ``committed(image, seq, changed_pfns)`` is called by the
+receiver after checkpoint ``seq`` was committed and acknowledged.  It never
+blocks on xl: it records the checkpoint in the *pending* slot (the pages it
+changed as the image returns them, and its state records)
+and wakes the feeder thread.  If the slot still holds a checkpoint xl has not
+been given yet, the two merge: the union of their pages at their latest
+contents, the newer state records.  So at most two checkpoints are in flight
+(one being written, one pending) and xl catching up sees fewer, bigger ones.
+The feeder waits for xl's banner, writes xl's header and libxl's stream header
+once, then per taken checkpoint libxc's records (``remus.xen.savefile``): the
+first one with the libxc headers, the static records and every page; later
+ones with the changed pages, TSC/shared-info/vCPU records; each one closed by
+CHECKPOINT and libxl's CHECKPOINT_END in a single 16-byte write.  libxc keeps
+what follows a CHECKPOINT aside until the next one arrives, so the standby
+domain only ever holds complete checkpoints.
+
+``activate()`` (failover) lets the feeder finish everything committed, tells
+the guard to let go, and closes xl's stdin: xl completes the domain from the
+last complete checkpoint, attaches its devices, renames it ``NAME``, leaves
+its monitoring daemon (no ``-e``: on_poweroff/on_reboot/on_crash apply as
+after ``xl create``) and unpauses it.  ``discard()`` (orderly end, refused or
+broken session) kills xl's process group and destroys ``NAME--incoming``; it
+starts nothing.  A standby that broke on the way (xl died, refused the stream)
+says so in ``broken``; the receiver then uses the cold path
+(``remus.xen.restore``).  Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, AbstractSet, Any, Iterable, Mapping, Optional, Sequence
+
+from remus.errors import ActivationError, XlError
+from remus.backup.image import Image
+from remus.stream.records import PAGE_SIZE, DomainHeader, Record
+from remus.xen import xl
+from remus.xen.restore import PIPE_BYTES, write_all
+from remus.xen.savefile import (
+    CHECKPOINT_TAIL,
+    DomainConfig,
+    check_restorable,
+    checkpoint_pieces,
+    checkpointed_opening,
+)
+from remus.xen.standby_guard import ACTIVATE, QUIT, destroy_standby
+
+log = logging.getLogger(__name__)
+
+#: tools/xl/xl_migrate.c (Xen 4.17): what ``xl migrate-receive`` writes to stdout when ready.
+MIGRATE_RECEIVER_BANNER = b"xl migration receiver ready, send binary domain data.\n"
+#: What xl calls the domain until failover (tools/xl/xl_vmcontrol.c ``create_domain``).
+INCOMING_SUFFIX = "--incoming"
+#: How long xl may take to start and say it is ready (an emulated dom0 is slow).
+BANNER_TIMEOUT_S = 120.0
+#: How long the feeder may take to hand xl what was committed when a failover begins, and xl to
+#: complete, attach devices and unpause: a base, and more per GiB of guest memory.
+ACTIVATE_TIMEOUT_S = 120.0
+ACTIVATE_TIMEOUT_S_PER_GIB = 120.0
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_IOV_MAX = 1024
+_JOIN_S = 30.0
+
+
+@dataclass
+class _Pending:
+    """Checkpoints committed but not yet handed to xl, merged into one."""
+
+    seq: int
+    pages: dict[int, tuple[int, Optional[bytes]]]
+    state: list[Record]
+    #: The first checkpoint of the stream: libxc's headers and static records go with it.
+    header: Optional[DomainHeader] = None
+    static: list[Record] = field(default_factory=list)
+    merged: int = 1
+
+
+class XenStandby:
+    """A paused standby domain kept in step by ``xl migrate-receive -r`` (see the module docstring)."""
+
+    def __init__(self, name: str, config: DomainConfig, proc: "subprocess.Popen[bytes]",
+                 guard: "subprocess.Popen[bytes]", control_fd: int, messages: IO[bytes]) -> None:
+        self.name = name
+        self.incoming = name + INCOMING_SUFFIX
+        self._config = config
+        self._proc = proc
+        self._guard = guard
+        self._control_fd: Optional[int] = control_fd
+        self._messages = messages
+        self._lock = threading.Condition()
+        self._pending: Optional[_Pending] = None
+        self._carry: set[int] = set()  # pages of committed checkpoints the image is already past
+        self._started_stream = False  # the first checkpoint was taken by the feeder
+        self._finishing = False  # activate(): write what is pending, then stop
+        self._abandon = False  # discard(): stop at once
+        self._done = False
+        #: Why the standby cannot be activated (None while it can).
+        self.broken: Optional[str] = None
+        self.written_seq = 0
+        self.checkpoints_written = 0
+        self.checkpoints_merged = 0
+        self.bytes_written = 0
+        self._feeder = threading.Thread(target=self._feed, name=f"standby feeder {name}", daemon=True)
+        self._feeder.start()
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def start(cls, info: Mapping[str, Any], *, pipe_bytes: Sequence[int] = PIPE_BYTES) -> "XenStandby":
+        """Start ``xl migrate-receive -r`` and the guard for the domain a session protects.
+
+        Raises:
+            ActivationError: the configuration is unusable, or a domain already has
+                the standby's name on this host, or xl could not be started.
+            XlError: xl is missing or could not tell whether the name is taken.
+        """
+        config = DomainConfig.parse(info.get("libxl_config"))
+        name = config.name
+        incoming = name + INCOMING_SUFFIX
+        existing = xl.domid(incoming)
+        if existing is not None:
+            raise ActivationError(f"a domain named {incoming} already exists on this host (id {existing}): "
+                                  f"a standby of {name} is already kept here; destroy it with "
+                                  f"`xl destroy {incoming}` if no receiver owns it")
+        messages = tempfile.TemporaryFile()
+        try:
+            # Its own session: a Ctrl-C meant for the receiver must reach neither xl nor its helper.
+            proc = subprocess.Popen([xl.xl_path(), "migrate-receive", "-r"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=messages, start_new_session=True)
+        except OSError as exc:
+            messages.close()
+            raise ActivationError(f"cannot run xl migrate-receive: {exc.strerror or exc}") from None
+        assert proc.stdin is not None
+        for size in pipe_bytes:
+            try:
+                fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, size)
+                break
+            except OSError:
+                continue
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            guard = subprocess.Popen(
+                [sys.executable, "-m", "remus.xen.standby_guard", str(control_r), str(proc.stdin.fileno()),
+                 str(proc.pid), incoming],
+                pass_fds=(control_r, proc.stdin.fileno()), stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            os.close(control_w)
+            said = destroy_standby(proc.pid, incoming)
+            proc.wait()
+            messages.close()
+            raise ActivationError(f"cannot start the standby's guard: {exc.strerror or exc}; {said}") from None
+        finally:
+            os.close(control_r)
+        log.info("standby of %s: xl migrate-receive -r (pid %d), guard pid %d", name, proc.pid, guard.pid)
+        return cls(name, config, proc, guard, control_w, messages)
+
+    # -- the Standby protocol ---------------------------------------------------------------
+    def committed(self, image: Image, seq: int, changed_pfns: AbstractSet[int]) -> None:
+        """Checkpoint ``seq`` (now ``image``) is committed and acknowledged; hand it to xl.
+
+        Never blocks on xl: merges with a checkpoint xl has not been given yet.
+        When one batch of the primary's bytes committed several checkpoints, the
+        image is already at the last one while the earlier ones are reported:
+        their pages are kept aside and go with the checkpoint the image is at.
+        """
+        with self._lock:
+            if self._done or self.broken:
+                return
+            self._carry |= changed_pfns
+            if image.seq != seq:  # a later checkpoint of the same batch follows: it carries these pages
+                self.checkpoints_merged += 1
+                return
+            changed_pfns, self._carry = self._carry, set()
+            pending = self._pending
+            if pending is None and not self._started_stream:
+                try:
+                    header = check_restorable(image)
+                except ActivationError as exc:
+                    self._break(f"checkpoint {seq} cannot start a standby: {exc}")
+                    return
+                pending = _Pending(seq, dict(image.pages), image.state_records(), header,
+                                   image.static_records(), merged=0)
+            elif pending is None:
+                pending = _Pending(seq, {}, [], merged=0)
+            else:
+                self.checkpoints_merged += 1
+            pages = image.pages
+            pending.pages.update((pfn, pages[pfn]) for pfn in changed_pfns)
+            pending.state = image.state_records()
+            pending.seq = seq
+            pending.merged += 1
+            self._pending = pending
+            self._lock.notify_all()
+
+    def activate(self) -> dict[str, Any]:
+        """Fail over: xl completes the domain from the last committed checkpoint and runs it.
+
+        Returns ``domid``, ``name``, ``restore_s`` (from this call to the domain
+        running), ``standby`` True and ``standby_seq`` (the checkpoint xl was given last).
+
+        Raises:
+            ActivationError: the standby is broken, xl could not be given every
+                committed checkpoint in time, or xl failed; the standby is then
+                destroyed (the message says what is left) and the image can still
+                be restored the cold way.
+        """
+        started = time.monotonic()
+        ended = self._proc.poll()
+        if ended is not None and not self.broken:
+            self._break(f"xl migrate-receive ended (exit status {ended}): {xl.summary(self._said())}")
+        if self.broken:
+            reason = self.broken
+            said = self._destroy()
+            raise ActivationError(f"the standby of {self.name} is broken ({reason}); {said}")
+        with self._lock:
+            self._finishing = True
+            backlog = 0 if self._pending is None else len(self._pending.pages)
+            self._lock.notify_all()
+        timeout_s = ACTIVATE_TIMEOUT_S + ACTIVATE_TIMEOUT_S_PER_GIB * backlog * PAGE_SIZE / (1 << 30)
+        self._feeder.join(timeout_s)
+        if self._feeder.is_alive() or self.broken or self._pending is not None:
+            why = self.broken or f"xl did not take the last checkpoints within {timeout_s:.0f} s"
+            said = self._destroy()
+            raise ActivationError(f"the standby of {self.name} could not be activated ({why}); {said}")
+        self._tell_guard(ACTIVATE)
+        self._close_stream()  # with the guard's end closed too: the end of the stream
+        try:
+            status: Optional[int] = self._proc.wait(ACTIVATE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            status = None
+        self._reap_guard()
+        said_by_xl = self._said()
+        log.debug("xl migrate-receive of %s said:\n%s", self.name, said_by_xl)
+        if status != 0:
+            what = (f"did not finish within {ACTIVATE_TIMEOUT_S:.0f} s" if status is None
+                    else f"failed (exit status {status}): {xl.summary(said_by_xl)}")
+            said = self._destroy()
+            raise ActivationError(f"xl migrate-receive of {self.name} {what}; {said}")
+        domid = xl.domid(self.name)
+        if domid is None:  # xl only logs a failed rename; the domain runs as NAME--incoming
+            domid = xl.domid(self.incoming)
+            if domid is None:
+                raise ActivationError(f"xl migrate-receive of {self.name} succeeded, but no domain "
+                                      f"{self.name} exists afterwards")
+        with self._lock:
+            self._done = True
+        return {"domid": domid, "name": self.name, "restore_s": round(time.monotonic() - started, 2),
+                "standby": True, "standby_seq": self.written_seq}
+
+    def discard(self) -> None:
+        """Destroy the standby (kill xl's process group, ``xl destroy NAME--incoming``); start nothing.
+
+        Never raises; what is left (if anything) is logged.
+        """
+        with self._lock:
+            if self._done:
+                return
+        said = self._destroy()
+        log.info("standby of %s discarded: %s", self.name, said)
+
+    def statistics(self) -> dict[str, Any]:
+        """Checkpoints handed to xl, merged on the way, bytes written; whether it broke."""
+        return {"written_seq": self.written_seq, "checkpoints_written": self.checkpoints_written,
+                "checkpoints_merged": self.checkpoints_merged, "bytes_written": self.bytes_written,
+                "broken": self.broken}
+
+    # -- the feeder thread ------------------------------------------------------------------
+    def _feed(self) -> None:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        fd = self._proc.stdin.fileno()
+        try:
+            self._wait_for_banner(self._proc.stdout.fileno())
+            self._write(fd, [checkpointed_opening(self._config)])
+            while True:
+                with self._lock:
+                    while self._pending is None and not (self._finishing or self._abandon):
+                        self._lock.wait()
+                    if self._abandon or self._pending is None:
+                        return
+                    taken, self._pending = self._pending, None
+                    self._started_stream = True
+                self._write(fd, checkpoint_pieces(taken.pages, sorted(taken.pages), taken.state,
+                                                  taken.static, taken.header))
+                with self._lock:
+                    self.written_seq = taken.seq
+                    self.checkpoints_written += 1
+        except BrokenPipeError:
+            self._break(f"xl stopped reading the stream: {xl.summary(self._said())}")
+        except ActivationError as exc:
+            self._break(str(exc))
+        except OSError as exc:
+            self._break(f"writing to xl failed: {exc.strerror or exc}")
+
+    def _wait_for_banner(self, out: int) -> None:
+        deadline = time.monotonic() + BANNER_TIMEOUT_S
+        said = b""
+        while not said.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([out], [], [], max(0.0, min(left, 0.5)))
+            with self._lock:
+                if self._abandon:
+                    raise ActivationError("discarded before xl was ready")
+            if not readable:
+                if left <= 0:
+                    raise ActivationError(f"xl migrate-receive did not say it was ready within "
+                                          f"{BANNER_TIMEOUT_S:.0f} s")
+                continue
+            chunk = os.read(out, 256)
+            if not chunk:
+                raise ActivationError(f"xl migrate-receive ended before it was ready: {xl.summary(self._said())}")
+            said += chunk
+        if said != MIGRATE_RECEIVER_BANNER:
+            raise ActivationError(f"xl migrate-receive said {said!r}, not its banner")
+
+    def _write(self, fd: int, pieces: Iterable[bytes]) -> None:
+        """Write ``pieces`` by ``writev``; the checkpoint's tail alone, in one write."""
+        batch: list[bytes] = []
+        for piece in pieces:
+            if piece is CHECKPOINT_TAIL:
+                write_all(fd, batch)
+                batch = []
+                if os.write(fd, piece) != len(piece):  # <= PIPE_BUF: never split by a pipe
+                    raise OSError("a short write of CHECKPOINT + CHECKPOINT_END")
+            else:
+                batch.append(piece)
+                if len(batch) == _IOV_MAX:
+                    write_all(fd, batch)
+                    batch = []
+            self.bytes_written += len(piece)
+        write_all(fd, batch)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _break(self, reason: str) -> None:
+        with self._lock:
+            if self.broken is None and not self._abandon:
+                self.broken = reason
+                log.warning("the standby of %s broke: %s (a failover would restore the cold way)",
+                            self.name, reason)
+            self._lock.notify_all()
+
+    def _said(self) -> str:
+        self._messages.flush()
+        try:
+            return os.pread(self._messages.fileno(), 1 << 20, 0).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _tell_guard(self, word: bytes) -> None:
+        fd, self._control_fd = self._control_fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, word)
+        except OSError:
+            pass  # the guard is gone already
+        finally:
+            os.close(fd)
+
+    def _reap_guard(self) -> None:
+        try:
+            self._guard.wait(_JOIN_S)
+        except subprocess.TimeoutExpired:
+            log.error("the standby guard of %s (pid %d) did not exit", self.name, self._guard.pid)
+
+    def _close_stream(self) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+
+    def _destroy(self) -> str:
+        """Kill xl, release the guard, destroy NAME--incoming; what is left, as a sentence."""
+        with self._lock:
+            self._abandon = True
+            self._done = True
+            self._pending = None
+            self._lock.notify_all()
+        said = destroy_standby(self._proc.pid, self.incoming)  # kills xl before anything closes
+        self._proc.wait()
+        self._tell_guard(QUIT)
+        self._reap_guard()
+        self._close_stream()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._feeder.join(_JOIN_S)
+        self._messages.close()
+        return said

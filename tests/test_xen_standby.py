@@ -1,0 +1,208 @@
+"""The hot standby (``remus.xen.standby``) against a fake ``xl migrate-receive -r`` (tests/fake_xl.py),
+which checks the checkpointed stream as xl, libxl and libxc would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from remus.backup.session import BackupSession, Committed
+from remus.errors import ActivationError
+from remus.xen.savefile import CHECKPOINT_TAIL, checkpoint_pieces
+from remus.xen.standby import XenStandby
+from remus.xen.standby_guard import destroy_standby
+from tests.fake_xl import fake_xl  # noqa: F401 - a fixture
+from tests.fake_xl import fake_xl_state as state
+from tests.xen_stream import STATE_TYPES, SyntheticXenGuest, xen_session
+
+TIMEOUT_S = 20.0
+
+
+def wait_until(what: Callable[[], Any], timeout_s: float = TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+def journal(home: Path) -> list[dict[str, Any]]:
+    path = home / "journal.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def follow(stream: bytes, standby: XenStandby, chunk: int = 50000, batched: bool = False) -> BackupSession:
+    """Feed the primary's stream to a BackupSession, handing every commit to the standby as
+    the server does (a batch may commit several checkpoints: the image is then at the last)."""
+    session = BackupSession()
+    batches = 0
+    for start in range(0, len(stream), chunk):
+        commits = [o for o in session.receive_data(stream[start : start + chunk]) if isinstance(o, Committed)]
+        batches += len(commits) > 1
+        for output in commits:
+            standby.committed(session.image, output.seq, output.changed_pfns)
+    assert batches or not batched, "no batch committed two checkpoints: carrying pages is not exercised"
+    return session
+
+
+def expected_memory(guest: SyntheticXenGuest) -> dict[str, Any]:
+    return {str(pfn): None if data is None else hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+            for pfn, (_word, data) in guest.memory.items()}
+
+
+def test_the_tail_of_a_checkpoint_is_one_small_write() -> None:
+    pieces = list(checkpoint_pieces({1: (1, bytes(4096))}, [1], []))
+    assert pieces[-1] is CHECKPOINT_TAIL
+    # libxc CHECKPOINT (0x0e, empty), then libxl CHECKPOINT_END (4, empty)
+    assert CHECKPOINT_TAIL == bytes.fromhex("0e00000000000000" "0400000000000000")
+
+
+def test_every_committed_checkpoint_reaches_xl_and_failover_runs_the_last(fake_xl: Path) -> None:
+    stream, guest = xen_session(6)
+    stream_info = BackupSession()
+    stream_info.receive_data(stream[:4096])
+    standby = XenStandby.start(stream_info.info)
+    wait_until(lambda: state(fake_xl)["domains"].get("domu--incoming"))
+    session = follow(stream, standby, batched=True)
+    assert session.image.seq == 6
+    details = standby.activate()
+    assert details["domid"] == 5 and details["name"] == "domu" and details["standby"] is True
+    assert details["standby_seq"] == 6 and details["restore_s"] >= 0
+    failover = json.loads((fake_xl / "failover.json").read_text())
+    assert failover["memory"] == expected_memory(guest)
+    # the state records of checkpoint 6: TSC_INFO ... X86_PV_VCPU_EXTENDED, tagged with seq 6
+    assert [bytes.fromhex(h)[:8] for h in failover["state"]] == [
+        int(t).to_bytes(4, "little") + (6).to_bytes(4, "little") for t in STATE_TYPES]
+    seen = journal(fake_xl)
+    assert seen[-1]["event"] == "failover" and seen[-1]["dropped"] == 0
+    assert not [e for e in seen if e["event"] == "error"]
+    stats = standby.statistics()
+    assert stats["checkpoints_written"] + stats["checkpoints_merged"] == 6
+    assert failover["checkpoints"] == stats["checkpoints_written"]
+    assert state(fake_xl)["domains"] == {"domu": 5}
+
+
+def test_a_standby_that_falls_behind_merges_checkpoints(fake_xl: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    hold = tmp_path / "go"
+    monkeypatch.setenv("FAKE_XL_HOLD", str(hold))
+    stream, guest = xen_session(8)
+    session = BackupSession()
+    session.receive_data(stream[:4096])
+    # A small pipe: the first checkpoint (64 pages) cannot be written while xl reads nothing.
+    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    started = time.monotonic()
+    follow(stream, standby)
+    assert time.monotonic() - started < TIMEOUT_S / 2  # committed() never waited for xl
+    assert standby.statistics()["checkpoints_merged"] >= 6  # at most 1 being written + 1 pending
+    hold.write_text("go")
+    details = standby.activate()
+    assert details["standby_seq"] == 8
+    failover = json.loads((fake_xl / "failover.json").read_text())
+    assert failover["memory"] == expected_memory(guest)
+    assert failover["checkpoints"] <= 2
+
+
+def test_discard_kills_xl_and_destroys_the_standby(fake_xl: Path) -> None:
+    stream, _guest = xen_session(3)
+    session = BackupSession()
+    session.receive_data(stream[:4096])
+    standby = XenStandby.start(session.info)
+    follow(stream, standby)
+    wait_until(lambda: any(e["event"] == "checkpoint" for e in journal(fake_xl)))
+    standby.discard()
+    assert state(fake_xl)["domains"] == {}
+    assert ["destroy", "domu--incoming"] in state(fake_xl)["calls"]
+    assert not (fake_xl / "failover.json").exists()
+    assert all(e["event"] in ("created", "checkpoint") for e in journal(fake_xl))
+    standby.discard()  # twice is harmless
+
+
+def test_a_standby_whose_xl_died_says_so_and_activate_refuses(fake_xl: Path) -> None:
+    stream, _guest = xen_session(2)
+    session = BackupSession()
+    session.receive_data(stream[:4096])
+    standby = XenStandby.start(session.info)
+    wait_until(lambda: journal(fake_xl))
+    os.kill(standby._proc.pid, signal.SIGKILL)
+    standby._proc.wait()  # gone, its end of the pipe closed (a kill only starts that)
+    follow(stream, standby)
+    wait_until(lambda: standby.broken)
+    with pytest.raises(ActivationError, match="the standby of domu is broken"):
+        standby.activate()
+    assert state(fake_xl)["domains"] == {}
+
+
+def test_a_taken_standby_name_is_said_plainly(fake_xl: Path) -> None:
+    (fake_xl / "state.json").write_text(json.dumps({"domains": {"domu--incoming": 3}, "next": 5, "calls": []}))
+    stream, _guest = xen_session(0)
+    session = BackupSession()
+    session.receive_data(stream)
+    with pytest.raises(ActivationError, match="a domain named domu--incoming already exists"):
+        XenStandby.start(session.info)
+
+
+OWNER = r"""
+import sys, time
+from remus.backup.session import BackupSession, Committed
+from remus.xen.standby import XenStandby
+from tests.xen_stream import xen_session
+stream, _ = xen_session(3)
+session = BackupSession()
+standby = None
+for output in session.receive_data(stream):
+    if standby is None and session.info:
+        standby = XenStandby.start(session.info)
+    if isinstance(output, Committed):  # one batch: the image is at 3 for all three
+        standby.committed(session.image, output.seq, output.changed_pfns)
+print(standby._proc.pid, standby._guard.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_receiver_killed_never_fails_over_its_guard_destroys_the_standby(fake_xl: Path) -> None:
+    # The owner hands checkpoints 1-3 over in one batch: the standby's first checkpoint is 3.
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert owner.stdout is not None
+        xl_pid, guard_pid = map(int, owner.stdout.readline().split())
+        wait_until(lambda: any(e["event"] == "checkpoint" for e in journal(fake_xl)))
+        owner.kill()  # SIGKILL: its end of xl's stdin closes with it
+        owner.wait()
+        wait_until(lambda: state(fake_xl)["domains"] == {})
+        wait_until(lambda: not os.path.exists(f"/proc/{xl_pid}") or _zombie(xl_pid))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    seen = journal(fake_xl)
+    assert [e["event"] for e in seen] == ["created", "checkpoint"]  # no failover, no EOF seen
+    assert not (fake_xl / "failover.json").exists()
+    assert ["destroy", "domu--incoming"] in state(fake_xl)["calls"]
+    wait_until(lambda: not os.path.exists(f"/proc/{guard_pid}") or _zombie(guard_pid))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_destroy_standby_says_when_there_was_nothing(fake_xl: Path) -> None:
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    assert destroy_standby(proc.pid, "domu--incoming") == "no domain domu--incoming was left"
+    assert proc.wait() == -signal.SIGKILL
