@@ -66,3 +66,20 @@ def test_a_session_larger_than_max_memory_is_refused_before_any_page(declared: i
     spec = {"name": "huge", "memory": declared}
     outputs = session.receive_data(session_header({"domain": "huge", "kind": "sim", "sim": spec}))
     assert any(isinstance(o, Refused) and "see remus-receiver --max-memory" in o.reason for o in outputs)
+
+
+def test_a_xen_session_is_bounded_by_the_maximum_memory_remus_sends() -> None:
+    import json
+
+    from remus.backup.activation import memory_of, pfn_bound
+
+    info = {"domain": "domu", "kind": "xen", "max_memkb": 128 * 1024,
+            "libxl_config": json.dumps({"c_info": {"name": "domu"}})}
+    assert memory_of(info) == 128 << 20
+    assert pfn_bound(info) == 2 * (128 << 20) // PAGE_SIZE  # room for holes above memory
+    session = BackupSession(max_memory=256 << 20)
+    outputs = session.receive_data(session_header(info))
+    assert not any(isinstance(o, Refused) for o in outputs), outputs
+    too_big = BackupSession(max_memory=64 << 20)
+    outputs = too_big.receive_data(session_header(info))
+    assert any(isinstance(o, Refused) and "128M" in o.reason for o in outputs)

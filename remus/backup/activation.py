@@ -81,11 +81,33 @@ def memory_of(info: Mapping[str, Any]) -> int:
 
         return spec_from_session(info).memory
     if kind == "xen":
+        if "max_pages" not in info and "max_memkb" in info:
+            # What remus sends: the domain's maximum memory (xc_domain_getinfo's max_memkb).
+            max_memkb = info["max_memkb"]
+            if not isinstance(max_memkb, int) or isinstance(max_memkb, bool) or max_memkb <= 0:
+                raise UsageError(f"bad max_memkb {max_memkb!r}")
+            return max_memkb * 1024
         max_pages = info.get("max_pages")
         if not isinstance(max_pages, int) or isinstance(max_pages, bool) or max_pages <= 0:
             raise UsageError(f"bad max_pages {max_pages!r}")
         return max_pages * PAGE_SIZE
     raise UsageError(f"unknown domain kind {kind!r}")
+
+
+def pfn_bound(info: Mapping[str, Any]) -> int:
+    """How many page frame numbers a session's pages may use (every pfn is below it).
+
+    A simulated guest's pfns are exactly its pages.  A Xen PV guest's pfn space may have
+    holes above its memory (the guest kernel sizes its p2m), so it gets twice its declared
+    maximum memory, unless the session names ``max_pages`` itself.
+
+    Raises:
+        RemusError: the declaration is missing or malformed.
+    """
+    memory_pages = memory_of(info) // PAGE_SIZE
+    if info.get("kind") == "xen" and "max_pages" not in info:
+        return 2 * memory_pages
+    return memory_pages
 
 
 def check_capacity(info: Mapping[str, Any], max_memory: int) -> None:
@@ -324,5 +346,5 @@ def _check_appendable(path: str) -> None:
 __all__ = [
     "ColdXenStandby", "DiskStandby", "HotStarter", "HotXenStandby", "RemusError", "SimStandby", "Standby",
     "XenRestorer", "check_capacity",
-    "default_max_memory", "memory_of", "open_standby",
+    "default_max_memory", "memory_of", "open_standby", "pfn_bound",
 ]

@@ -26,14 +26,13 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from remus.backup.activation import check_capacity, memory_of
+from remus.backup.activation import check_capacity, pfn_bound
 from remus.backup.image import Image, Staging
 from remus.disk.replica import ReplicaSet
 from remus.errors import RemoteProtocolError, RemusError
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
 from remus.stream.compression import PageDecompressor
 from remus.stream.records import (
-    PAGE_SIZE,
     Ack,
     Checkpoint,
     Close,
@@ -199,11 +198,12 @@ class BackupSession:
                 from remus.xen.savefile import DomainConfig
 
                 info = dict(info)
-                info.setdefault("max_pages", DEFAULT_MAX_PAGES)
+                if "max_memkb" not in info:
+                    info.setdefault("max_pages", DEFAULT_MAX_PAGES)
                 DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
             if self.max_memory is not None:
                 check_capacity(info, self.max_memory)
-            self.max_pages = memory_of(info) // PAGE_SIZE
+            self.max_pages = pfn_bound(info)
             self.disks = ReplicaSet.from_session(info, self.disk_root)
         except RemusError as exc:  # the reason goes back to the primary
             reason = f"cannot take domain {info.get('domain')!r}: {exc}"

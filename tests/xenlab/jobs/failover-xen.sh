@@ -48,7 +48,7 @@ section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
 check failover_build $? "domu id $(xl domid domu 2>/dev/null), counter $(domu_counter), state $(domu_state)"
 [ "$FAILS" = 0 ] || exit 1
-# The link is authenticated once main has remus-keygen (issue 8): both sides get a throw-away key.
+# The link is authenticated (issue 8): both sides get a throw-away key.
 KEYARGS=
 MAXMEM=
 python3 $LAB_BUILD/bin/remus-receiver --help 2>/dev/null | grep -q -- --max-memory && MAXMEM="--max-memory 128G"
@@ -110,7 +110,7 @@ runs_as_new() {
 
 start_protection() {  # $1: tag; remus-receiver --once, then remus -i 200 domu 127.0.0.1
     rm -f "$EVENTS" "$STATS"
-    # --max-memory: the Xen primary declares its domain's maximum (64G here, not the 128M it has).
+    # --max-memory: generous, so the small lab dom0 never refuses the guest (the bound is tested in tests/).
     python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
         $MAXMEM --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
     RECEIVER=$!
