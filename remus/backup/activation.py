@@ -42,6 +42,9 @@ from remus.stream.records import PAGE_SIZE
 if TYPE_CHECKING:
     from remus.disk.replica import ReplicaSet
 
+#: The pfns a Xen session may use when it does not say (64 GiB of address space).
+XEN_PFN_SPACE = 16 << 20
+
 #: ``restore_xen(session_info, image)`` recreates a Xen domain from the committed image and
 #: returns what to report about it (``domid``, ``restore_s``, ...); see ``remus.xen.restore``.
 XenRestorer = Callable[[Mapping[str, Any], Image], dict[str, Any]]
@@ -97,17 +100,20 @@ def memory_of(info: Mapping[str, Any]) -> int:
 def pfn_bound(info: Mapping[str, Any]) -> int:
     """How many page frame numbers a session's pages may use (every pfn is below it).
 
-    A simulated guest's pfns are exactly its pages.  A Xen PV guest's pfn space may have
-    holes above its memory (the guest kernel sizes its p2m), so it gets twice its declared
-    maximum memory, unless the session names ``max_pages`` itself.
+    A simulated guest's pfns are exactly its pages.  A Xen PV guest's pfn space is sized
+    by its own kernel (the p2m can reach far above its memory, for ballooning), so unless
+    the session names ``max_pages`` it gets ``XEN_PFN_SPACE``; what it may *hold* is still
+    bounded by its declared memory through ``check_capacity``.
 
     Raises:
         RemusError: the declaration is missing or malformed.
     """
-    memory_pages = memory_of(info) // PAGE_SIZE
-    if info.get("kind") == "xen" and "max_pages" not in info:
-        return 2 * memory_pages
-    return memory_pages
+    if info.get("kind") == "xen":
+        max_pages = info.get("max_pages", XEN_PFN_SPACE)
+        if not isinstance(max_pages, int) or isinstance(max_pages, bool) or max_pages <= 0:
+            raise UsageError(f"bad max_pages {max_pages!r}")
+        return max_pages
+    return memory_of(info) // PAGE_SIZE
 
 
 def check_capacity(info: Mapping[str, Any], max_memory: int) -> None:

@@ -26,7 +26,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from remus.backup.activation import check_capacity, pfn_bound
+from remus.backup.activation import XEN_PFN_SPACE, check_capacity, pfn_bound
 from remus.backup.image import Image, Staging
 from remus.disk.replica import ReplicaSet
 from remus.errors import RemoteProtocolError, RemusError
@@ -51,9 +51,6 @@ from remus.stream.records import (
     XenRecord,
     page_type_has_data,
 )
-
-#: Pages a Xen domain may have when its session header does not say (64 GiB).
-DEFAULT_MAX_PAGES = 16 << 20
 
 
 class State(enum.Enum):
@@ -141,7 +138,7 @@ class BackupSession:
         self.image = Image()
         self.info: Mapping[str, Any] = {}
         self.kind = ""
-        self.max_pages = DEFAULT_MAX_PAGES
+        self.max_pages = XEN_PFN_SPACE  # until the session says
         self._staging: Optional[Staging] = None
         self._decompressor = PageDecompressor()
 
@@ -199,7 +196,7 @@ class BackupSession:
 
                 info = dict(info)
                 if "max_memkb" not in info:
-                    info.setdefault("max_pages", DEFAULT_MAX_PAGES)
+                    info.setdefault("max_pages", XEN_PFN_SPACE)  # an older primary: its size unknown
                 DomainConfig.parse(info.get("libxl_config"))  # without it, no failover
             if self.max_memory is not None:
                 check_capacity(info, self.max_memory)
