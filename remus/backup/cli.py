@@ -56,10 +56,9 @@ import re
 import sys
 from typing import IO, Any, Optional, Sequence
 
-from docopt import docopt
-
-from remus import __version__
+from remus import cli_common
 from remus.backup.control import DEFAULT_CONTROL_SOCKET
+from remus.cli_common import Args, opt_int, opt_size
 from remus.clock import StopFlag
 from remus.errors import RemusError, UsageError
 
@@ -67,50 +66,14 @@ HELP = __doc__ or ""
 PROG = "remus-receiver"
 
 
-def _int(value: str, option: str, low: int, high: int) -> int:
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise UsageError(f"option {option}: invalid integer value: {value!r}") from None
-    if not low <= number <= high:
-        raise UsageError(f"option {option}: {number} is out of range ({low}-{high})")
-    return number
-
-
-def _size(value: str, option: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMGT]?)", value.strip().upper())
-    if not m or int(m.group(1)) == 0:
-        raise UsageError(f"option {option}: {value!r} is not a size such as 512M or 4G")
+def _size(args: Args, option: str) -> Optional[int]:
+    """``--max-memory``'s value in bytes (None when absent)."""
+    if args.get(option) is None:
+        return None
+    text = opt_size(args, option, "1M", 1 << 20, 1 << 50)
+    m = re.fullmatch(r"(\d+)([KMGT]?)", text.strip().upper().rstrip("B").rstrip("I"))
+    assert m is not None  # opt_size checked it
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
-
-
-def _docopt(argv: Sequence[str]) -> dict[str, Any]:
-    for arg in argv:
-        if arg == "--":
-            break
-        if arg in ("-h", "--help"):
-            raise SystemExit(HELP)
-        if arg == "--version":
-            raise SystemExit(f"{PROG} {__version__}")
-    try:
-        return dict(docopt(HELP, list(argv), False))
-    except SystemExit:
-        raise UsageError(_why(argv)) from None
-
-
-def _why(argv: Sequence[str]) -> str:
-    """Name what docopt rejected (docopt 0.6.2 names nothing; docopt-ng speaks Python reprs)."""
-    known = set(re.findall(r"(--[a-z][a-z-]*|-[a-z])\b", HELP.split("Options:")[1]))
-    for arg in argv:
-        if arg.startswith("-") and arg != "-":
-            name = arg.split("=", 1)[0]
-            if name.startswith("--") and name not in known:
-                matches = [k for k in known if k.startswith(name)]
-                if len(matches) != 1:
-                    return f"no such option: {name}"
-            elif not name.startswith("--") and name[:2] not in known:
-                return f"no such option: {name[:2]}"
-    return "malformed arguments"
 
 
 def parse(argv: Sequence[str]) -> dict[str, Any]:
@@ -118,9 +81,9 @@ def parse(argv: Sequence[str]) -> dict[str, Any]:
 
     Raises:
         UsageError: malformed arguments or values.
-        SystemExit: ``-h`` or ``--version`` (the text is the exit's code, status 0).
+        ShowText: ``-h`` or ``--version``.
     """
-    args = _docopt(argv)
+    args = cli_common.parse(HELP, PROG, argv)
     control = args["--control"] or DEFAULT_CONTROL_SOCKET
     if args["status"]:
         return {"command": "status", "control": control, "json": bool(args["--json"])}
@@ -141,16 +104,16 @@ def parse(argv: Sequence[str]) -> dict[str, Any]:
     timeout = args["--heartbeat-timeout"]
     return {
         "command": "serve",
-        "port": _int(args["--port"] or "8002", "--port", 1, 65535),
+        "port": opt_int(args, "--port", 8002, 1, 65535),
         "listen": args["--listen"],
         "key_file": args["--key-file"],
         "hosts_allow": hosts_allow,
-        "takeover_timeout_s": None if timeout is None else _int(timeout, "--heartbeat-timeout", 1, 3_600_000) / 1000,
+        "takeover_timeout_s": None if timeout is None else opt_int(args, "--heartbeat-timeout", 0, 1, 3_600_000) / 1000,
         "takeover": takeover,
         "fence": args["--fence"],
-        "fence_delay_s": _int(args["--fence-delay"] or "0", "--fence-delay", 0, 3_600_000) / 1000,
-        "fence_timeout_s": _int(args["--fence-timeout"] or "60000", "--fence-timeout", 1, 3_600_000) / 1000,
-        "max_memory": None if args["--max-memory"] is None else _size(args["--max-memory"], "--max-memory"),
+        "fence_delay_s": opt_int(args, "--fence-delay", 0, 0, 3_600_000) / 1000,
+        "fence_timeout_s": opt_int(args, "--fence-timeout", 60000, 1, 3_600_000) / 1000,
+        "max_memory": _size(args, "--max-memory"),
         "control": control,
         "once": bool(args["--once"]),
         "events_json": args["--events-json"],
@@ -210,13 +173,13 @@ def _serve(options: dict[str, Any]) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
     events: Optional[IO[str]] = None
     try:
-        key = load_key(options.pop("key_file") or DEFAULT_KEY_FILE)
         events_path = options.pop("events_json")
         if events_path:
             try:
                 events = open(events_path, "a", encoding="utf-8")
             except OSError as exc:
                 raise UsageError(f"cannot open --events-json file {events_path}: {exc.strerror}") from None
+        key = load_key(options.pop("key_file") or DEFAULT_KEY_FILE)
         opened = events
 
         def on_event(event: dict[str, Any]) -> None:
@@ -245,9 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc} (see {PROG} --help)", file=sys.stderr)
         return 2
-    except SystemExit as shown:
-        text = str(shown.code)
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    except cli_common.ShowText as shown:
+        sys.stdout.write(shown.text)
         return 0
     if options["command"] == "status":
         return _status(options)

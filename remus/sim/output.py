@@ -24,6 +24,8 @@ import select
 import threading
 from typing import Callable, Deque, List, Optional, TextIO
 
+from remus.errors import DomainError
+
 DEFAULT_LIMIT_PACKETS = 1_000_000
 
 
@@ -35,12 +37,18 @@ class PacketSink:
     """
 
     def __init__(self, path: Optional[str], name: str, role: str) -> None:
+        """Raises:
+            DomainError: the output file cannot be opened for appending.
+        """
         self.path = path
         self.name = name
         self.role = role
         self.delivered = 0
         self.highest = 0
-        self._file: Optional[TextIO] = open(path, "a", encoding="ascii") if path else None
+        try:
+            self._file: Optional[TextIO] = open(path, "a", encoding="ascii") if path else None
+        except OSError as exc:
+            raise DomainError(f"sim:{name}: cannot open its output file {path}: {exc.strerror or exc}") from None
 
     def deliver(self, counters: List[int]) -> None:
         if not counters:
