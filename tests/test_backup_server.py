@@ -279,10 +279,10 @@ def test_hosts_allow_is_anchored_and_names_must_be_forward_confirmed(monkeypatch
     assert allowed("127.0.0.1")
     assert not allowed("127.0.0.10")  # anchored: no prefix match
     monkeypatch.setattr(socket, "gethostbyaddr", lambda addr: ("good.example", [], [addr]))
-    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port: [(0, 0, 0, "", ("10.9.9.9", 0))])
-    assert not allowed("10.1.2.3")  # the name claims good.example, which does not point back
-    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port: [(0, 0, 0, "", ("10.1.2.3", 0))])
-    assert allowed("10.1.2.3")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port: [(0, 0, 0, "", ("127.9.9.9", 0))])
+    assert not allowed("127.1.2.3")  # the name claims good.example, which does not point back
+    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port: [(0, 0, 0, "", ("127.1.2.3", 0))])
+    assert allowed("127.1.2.3")
 
 
 # --------------------------------------------------------------------------- a service
