@@ -19,7 +19,7 @@ from remus.backup.control import request
 from remus.backup.listening import hosts_allow_matcher
 from remus.errors import TransportError
 from remus.stream.codec import encode_record
-from remus.stream.records import RemusRecType, StreamHeader
+from remus.stream.records import Heartbeat, RemusRecType, StreamHeader
 from remus.stream.sender import session_header
 from remus.transport import TcpChannel
 from tests.helpers import LINK_KEY, SealedClient
@@ -300,6 +300,7 @@ def test_status_and_a_commanded_activation_with_manual_takeover(tmp_path: Path) 
     status = request(control, {"op": "status"})
     assert (status["state"], status["domain"], status["seq"], status["primary"]) == \
         ("protecting", "sim:t", 3, "127.0.0.1")
+    client.sendall(encode_record(Heartbeat(0)))  # a live primary is heard (this one only on demand)
     refused = request(control, {"op": "activate", "domain": "t"})
     assert not refused["ok"] and "is alive" in refused["error"]
     client.close()  # the primary dies
