@@ -389,3 +389,19 @@ def test_the_receiver_keeps_serving_after_a_failover_and_after_a_primary_that_di
         until(lambda: len(events_named(backup, "session")) == 3, "the third session")
     assert backup.thread.is_alive()
     assert backup.finish() == 0
+
+
+def test_a_slow_hosts_allow_lookup_still_lets_the_refusal_reach_the_primary(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handshake ends before the name lookup does: the stranger's next bytes must wait unread,
+    # not be fed to a finished handshake (which dropped the connection with a reset).
+    real = socket.gethostbyaddr
+
+    def slow_lookup(addr: str) -> Any:
+        time.sleep(0.5)
+        return real(addr)
+
+    monkeypatch.setattr(socket, "gethostbyaddr", slow_lookup)
+    backup = ReceiverThread(once=False, hosts_allow=r"10\..* backup\.example")
+    with pytest.raises(TransportError, match="not allowed by --hosts-allow"):
+        TcpChannel("127.0.0.1", backup.port, key=LINK_KEY).open(make_primary(0).opening)
+    backup.finish()

@@ -228,7 +228,8 @@ class Receiver:
 
     def _watched(self) -> list[socket.socket]:
         assert self._listener is not None
-        watched = [self._listener, *(p.sock for p in self._pending)]
+        # A stranger that finished its handshake waits for its hosts-allow lookup unread.
+        watched = [self._listener, *(p.sock for p in self._pending if not p.responder.done)]
         if self._live is not None:
             watched.append(self._live.sock)
         if self._control is not None:
@@ -285,9 +286,9 @@ class Receiver:
     def _advance(self, pending: Pending, readable: bool) -> None:
         if pending.allowed is None and pending.lookup is not None and pending.lookup.done():
             pending.allowed = bool(pending.lookup.result())
-        if readable:
+        if readable and not pending.responder.done:
             try:
-                data = pending.sock.recv(max(1, pending.responder.bytes_needed) or 1)
+                data = pending.sock.recv(max(1, pending.responder.bytes_needed))
             except BlockingIOError:
                 data = None
             except OSError as exc:
