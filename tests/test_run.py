@@ -195,6 +195,12 @@ def test_a_stop_during_the_first_checkpoint_is_an_orderly_close(tmp_path: Path, 
     assert last.endswith("the simulated guest big ends with remus, its output released"), last
 
 
+def syn_sent_to(port: int) -> int:
+    """How many IPv4 sockets on this host are in SYN_SENT towards 127.0.0.1:``port``."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[2] == f"0100007F:{port:04X}" and row.split()[3] == "02")
+
+
 def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
     import socket
 
@@ -207,13 +213,15 @@ def test_a_stop_while_connecting_ends_at_once(tmp_path: Path) -> None:
         s.setblocking(False)
         s.connect_ex(("127.0.0.1", port))
     try:
+        before = syn_sent_to(port)
         primary = subprocess.Popen([sys.executable, "-m", "remus.cli", "--key-file", write_key_file(tmp_path),
                                     "sim:c,memory=2M", "127.0.0.1", "-p",
                                     str(port)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        guest_started = time.monotonic() + 30
-        while not any(pid for pid in guest_pids() if Path(f"/proc/{pid}/status").exists()
-                      and f"PPid:\t{primary.pid}" in Path(f"/proc/{pid}/status").read_text()):
-            assert time.monotonic() < guest_started and primary.poll() is None
+        # Wait until remus itself is connecting (one more SYN_SENT socket to the port than the
+        # fillers left): a signal any earlier would stop it before protection began.
+        connecting = time.monotonic() + 30
+        while syn_sent_to(port) <= before:
+            assert time.monotonic() < connecting and primary.poll() is None
             time.sleep(0.02)
         primary.send_signal(signal.SIGINT)
         started = time.monotonic()
