@@ -39,7 +39,8 @@ class Staging:
     """One checkpoint being received (at most one at a time)."""
 
     max_pages: int
-    pages: dict[int, tuple[int, Optional[bytes]]] = field(default_factory=dict)
+    # A PageStore, so that the first checkpoint (all of memory) becomes the image without a copy.
+    pages: MutableMapping[int, "PageEntry"] = field(default_factory=lambda: PageStore())
     records: list[Record] = field(default_factory=list)
     header: Optional[DomainHeader] = None
     record_bytes: int = 0
@@ -70,6 +71,8 @@ class Staging:
         self.records.append(record)
 
     def page(self, pfn: int) -> Optional[bytes]:
+        if isinstance(self.pages, PageStore):
+            return self.pages.page(pfn)
         entry = self.pages.get(pfn)
         return None if entry is None else entry[1]
 
@@ -229,7 +232,9 @@ class Image:
             self.first_records = list(staged.records)
             before = staged.records_before_pages
             self.static_count = len(staged.records) if before is None else before
-        if isinstance(self.pages, PageStore):
+        if isinstance(self.pages, PageStore) and not self.pages and isinstance(staged.pages, PageStore):
+            self.pages = staged.pages  # the first checkpoint: adopted, not copied
+        elif isinstance(self.pages, PageStore):
             self.pages.put_many(staged.pages)
         else:
             self.pages.update(staged.pages)

@@ -306,10 +306,12 @@ class PageCompressor:
         has_data = list(map(page_type_has_data, words))
         pfns = [w & PAGE_DATA_PFN_MASK for w, d in zip(words, has_data) if d]
         kinds_of_data: list[int] = []
-        pieces = []
-        for start, end in _segments(pfns):
+        pieces: list["bytes | memoryview"] = []
+        segments = _segments(pfns)
+        for start, end in segments:
             read, write = self.cache.place(pfns[start:end])
-            pieces.append(self._payload(pages[start:end], read, write))
+            # One segment (the usual case): zstd reads the work buffer itself, no copy.
+            pieces.append(self._payload(pages[start:end], read, write, copy=len(segments) > 1))
             kinds_of_data.extend(PageKind.FULL if r < 0 else PageKind.XOR for r in read)
         data_kinds = iter(kinds_of_data)
         kinds = tuple(int(next(data_kinds)) if d else int(PageKind.NO_DATA) for d in has_data)
@@ -317,7 +319,7 @@ class PageCompressor:
         return PageBatch(tuple(words), kinds, frame)
 
     def _payload_numpy(self, pages: Sequence["bytes | memoryview"], read: list[int], xor_rows: list[int],
-                       writes: list[tuple[int, int]]) -> bytes:
+                       writes: list[tuple[int, int]], copy: bool) -> "bytes | memoryview":
         # Work buffers are allocated once: a fresh 4 MiB buffer per batch costs a page fault
         # per 4 KiB, which on a busy virtual machine is more than the XOR itself.
         n = len(pages)
@@ -342,16 +344,18 @@ class PageCompressor:
         elif writes:
             rows, slots = zip(*writes)
             cache[np.array(slots, dtype=np.intp)] = new[np.array(rows, dtype=np.intp)]
-        return bytes(out.reshape(-1).view(np.uint8))
+        flat_out = memoryview(out.reshape(-1).view(np.uint8))
+        return bytes(flat_out) if copy else flat_out
 
-    def _payload(self, pages: Sequence["bytes | memoryview"], read: list[int], write: list[int]) -> bytes:
+    def _payload(self, pages: Sequence["bytes | memoryview"], read: list[int], write: list[int],
+                 copy: bool = True) -> "bytes | memoryview":
         """The payloads (FULL or XOR) of one segment, joined; then its pages copied into their slots."""
         if not pages:
             return b""
         xor_rows = [row for row, slot in enumerate(read) if slot >= 0]
         writes = [(row, slot) for row, slot in enumerate(write) if slot >= 0]
         if self.vectorised:
-            return self._payload_numpy(pages, read, xor_rows, writes)
+            return self._payload_numpy(pages, read, xor_rows, writes, copy)
         view = memoryview(self.cache.slab)
         out_pages = list(pages)
         for row in xor_rows:
