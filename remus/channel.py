@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from remus.stream.sender import EncodedCheckpoint
+from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
 
 #: How long a primary that gives up on its backup waits for its CLOSE to be taken.
 GIVE_UP_CLOSE_TIMEOUT_S = 0.5
@@ -42,7 +42,7 @@ class Channel(Protocol):
         """Send the stream header and session record.  Raises ``TransportError``
         (``Interrupted`` when a second stop request cut it short)."""
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         """Write one framed checkpoint.  Raises ``BackupLost``."""
 
     def wait_for_ack(self, seq: int) -> None:
@@ -75,7 +75,7 @@ class BlackholeChannel:
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CLOEXEC)
         self._write(opening)
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         for chunk in checkpoint.chunks:
             self._write(chunk)
 

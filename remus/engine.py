@@ -219,7 +219,7 @@ class Engine:
         self._step("resume", seq, self.domain.resume)
         t_resumed = clock.now()
         encoded = self._step(
-            "send", seq, lambda: self.encoder.encode(seq, [*capture.final_records(), *extra], wall_suspend)
+            "send", seq, lambda: self.encoder.stream(seq, [*capture.final_records(), *extra], wall_suspend)
         )
         self._step("send", seq, lambda: self.channel.send(encoded))
         self._step("ack", seq, lambda: self.channel.wait_for_ack(seq))

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from typing import Callable, Optional, TextIO
 
 from remus.channel import CLOSE_TIMEOUT_S, Channel, Silence
 from remus.errors import StatsFileError
 from remus.stats import CheckpointStats, Summary
 from remus.stream.records import PAGE_SIZE
-from remus.stream.sender import EncodedCheckpoint
+from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint, StreamedCheckpoint
 
 __all__ = ["ProgressChannel", "Reporter", "human_bytes", "human_duration", "status_line", "summary_text"]
 
@@ -232,7 +231,7 @@ class ProgressChannel:
     def open(self, opening: bytes) -> None:
         self.inner.open(opening)
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         if not self._first:
             self.inner.send(checkpoint)
             return
@@ -241,9 +240,12 @@ class ProgressChannel:
         sent = 0
         self._on_progress(0, total)
         for chunk in checkpoint.chunks:
-            self.inner.send(replace(checkpoint, chunks=(chunk,)))
+            self.inner.send(EncodedCheckpoint(checkpoint.seq, (chunk,), 0, len(chunk)))
             sent += len(chunk)
-            done = total if sent >= checkpoint.wire_bytes else total * sent // max(1, checkpoint.wire_bytes)
+            if isinstance(checkpoint, StreamedCheckpoint):  # framed as it goes: how much is framed
+                done = total * checkpoint.raw_done // max(1, checkpoint.raw_bytes)
+            else:
+                done = total if sent >= checkpoint.wire_bytes else total * sent // max(1, checkpoint.wire_bytes)
             self._on_progress(done, total)
 
     def wait_for_ack(self, seq: int) -> None:

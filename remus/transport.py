@@ -52,7 +52,7 @@ from remus.link.blocking import SealedLink, initiate
 from remus.settings import TAKEOVER_MARGIN_MS
 from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
 from remus.stream.records import Accept, Ack, Close, CloseReason, DiskHashes, Heartbeat, StreamHeader
-from remus.stream.sender import EncodedCheckpoint
+from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ class TcpChannel:
         self._heartbeats = Heartbeats(self._out, self.heartbeat_interval_s, self._write_failed, self._beat)
         self._heartbeats.start()
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         for chunk in checkpoint.chunks:
             self._send(chunk)
 

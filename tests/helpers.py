@@ -17,7 +17,7 @@ from remus.devices import CheckpointDevice
 from remus.domain import Capture, DomainInfo
 from remus.errors import BackupLost
 from remus.stream.records import Checkpoint, PageData
-from remus.stream.sender import EncodedCheckpoint
+from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
 
 
 class CallLog(list):  # type: ignore[type-arg]
@@ -163,10 +163,11 @@ class FakeChannel:
         self.log.append("channel.open")
         self.opening = opening
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         self._call("send", checkpoint.seq)
         self.clock.advance(self.send_s)
-        self.sent.append(checkpoint)
+        chunks = list(checkpoint.chunks)  # a streamed checkpoint is framed as it is sent
+        self.sent.append(EncodedCheckpoint(checkpoint.seq, chunks, checkpoint.raw_bytes, checkpoint.wire_bytes))
 
     def wait_for_ack(self, seq: int) -> None:
         self._call("ack", seq)

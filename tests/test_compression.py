@@ -247,3 +247,23 @@ def test_both_cache_representations_make_the_same_decisions(checkpoints: list, c
         assert (pure.cache.hits, pure.cache.misses, len(pure.cache)) == (fast.cache.hits, fast.cache.misses,
                                                                          len(fast.cache))
         assert all((pfn in pure.cache) == (pfn in fast.cache) for pfn in range(42))
+
+
+@pytest.mark.parametrize("compression", [True, False])
+def test_a_streamed_checkpoint_is_the_encoded_one_made_as_it_is_sent(compression: bool) -> None:
+    """``CheckpointEncoder.stream`` puts the same bytes on the wire as ``encode``, with the same
+    sizes, and makes them lazily: the first chunk exists before the last batch was compressed."""
+    checkpoints = stream(seed=7, checkpoints=3, pages=3000, memory=4096)
+    eager, lazy = CheckpointEncoder(compression), CheckpointEncoder(compression)
+    for seq, records in enumerate(checkpoints, 1):
+        whole = eager.encode(seq, records, captured_unix=1_700_000_000.0)
+        streamed = lazy.stream(seq, records, captured_unix=1_700_000_000.0, chunk_bytes=64 << 10)
+        assert streamed.raw_bytes == whole.raw_bytes and streamed.raw_done == 0
+        chunks = iter(streamed.chunks)
+        first = next(chunks)
+        assert 0 < streamed.raw_done < streamed.raw_bytes  # the rest is not framed yet
+        rest = list(chunks)
+        assert streamed.raw_done == streamed.raw_bytes and streamed.wire_bytes == whole.wire_bytes
+        assert first + b"".join(rest) == b"".join(whole.chunks)
+        with pytest.raises(RuntimeError):
+            list(streamed.chunks)

@@ -20,7 +20,7 @@ from remus.sim.memory import GuestMemory, MemoryDigest
 from remus.sim.output import PacketSink, PlugQueue
 from remus.sim.spec import SimSpec, parse_sim_spec
 from remus.stream.records import PAGE_SIZE, Checkpoint, DomainHeader, PageData, SimVcpu
-from remus.stream.sender import EncodedCheckpoint
+from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
 from tests.helpers import wait_until
 
 # --------------------------------------------------------------------------- spec
@@ -357,7 +357,7 @@ class AckRecorder:
     def open(self, opening: bytes) -> None:
         pass
 
-    def send(self, checkpoint: EncodedCheckpoint) -> None:
+    def send(self, checkpoint: FramedCheckpoint) -> None:
         # Nothing emitted after the last acked checkpoint may have been released yet.
         if self.domain.sink.highest > self.acked_counter:
             self.violations.append((self.domain.sink.highest, self.acked_counter))

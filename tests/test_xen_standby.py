@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
@@ -206,3 +207,28 @@ def test_destroy_standby_says_when_there_was_nothing(fake_xl: Path) -> None:
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     assert destroy_standby(proc.pid, "domu--incoming") == "no domain domu--incoming was left"
     assert proc.wait() == -signal.SIGKILL
+
+
+def test_the_standby_holds_no_copy_of_the_guest(fake_xl: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending checkpoints are PFNs: while xl reads nothing, committing the whole guest to the
+    standby allocates a small fraction of its size (the feeder reads pages as it writes them)."""
+    monkeypatch.setenv("FAKE_XL_HOLD", str(tmp_path / "go"))
+    stream, guest = xen_session(3)
+    session = BackupSession()
+    session.receive_data(stream)
+    assert session.image.seq == 3
+    guest_bytes = sum(4096 for _word, data in guest.memory.values() if data is not None)
+    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    tracemalloc.start()
+    try:
+        for seq in (1, 2, 3):
+            standby.committed(session.image, seq, set(session.image.pages))
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < guest_bytes / 8, (held, guest_bytes)
+    (tmp_path / "go").write_text("go")
+    standby.activate()
+    failover = json.loads((fake_xl / "failover.json").read_text())
+    assert failover["memory"] == expected_memory(guest)

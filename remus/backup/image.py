@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, MutableMapping, Optional
 
@@ -218,6 +219,8 @@ class Image:
     latest_records: list[Record] = field(default_factory=list)
     #: How many of ``first_records`` came before the first checkpoint's first page.
     static_count: int = 0
+    #: Held by ``commit``; a reader in another thread (the hot standby's feeder) holds it per read.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def page(self, pfn: int) -> Optional[bytes]:
         if isinstance(self.pages, PageStore):
@@ -227,6 +230,10 @@ class Image:
 
     def commit(self, seq: int, staged: Staging) -> None:
         """Fold a complete, verified checkpoint in."""
+        with self.lock:
+            self._commit(seq, staged)
+
+    def _commit(self, seq: int, staged: Staging) -> None:
         if self.seq == 0:
             self.header = staged.header
             self.first_records = list(staged.records)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from remus.stream.codec import CommitDigest, encode_record
 from remus.stream.compression import DEFAULT_CACHE_PAGES, PageCompressor
 from remus.stream.records import (
     PAGE_SIZE,
     Commit,
+    PageBatch,
     PageData,
     Record,
     Session,
@@ -31,6 +32,10 @@ from remus.stream.records import (
 #: Wire chunks are cut at record boundaries once they reach this size, so a
 #: heartbeat written by another thread never waits behind a whole checkpoint.
 CHUNK_BYTES = 1 << 20
+#: A streamed checkpoint's chunks are smaller: the backup starts decoding sooner.
+STREAM_CHUNK_BYTES = 256 << 10
+#: A COMMIT record's framed size (header, seq, count, CRC, capture time).
+_COMMIT_BYTES = len(encode_record(Commit(0, 0, 0, 0)))
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,37 @@ class EncodedCheckpoint:
     chunks: Sequence[bytes]
     raw_bytes: int
     wire_bytes: int
+
+
+class StreamedCheckpoint:
+    """One checkpoint framed as it is sent: each chunk is encoded when the channel asks for it.
+
+    So the channel writes chunk k (and the backup decodes it) while chunk k+1 is
+    being compressed: the checkpoint reaches the backup in about the time of its
+    slowest stage, not of their sum.  ``chunks`` can be iterated once; it ends with
+    the COMMIT.  ``raw_bytes`` is known at once; ``raw_done`` grows as chunks are
+    made, and ``wire_bytes`` is final once ``chunks`` is exhausted.  An iteration
+    abandoned half way leaves the encoder unusable (the session is over then).
+    """
+
+    def __init__(self, seq: int, raw_bytes: int, make: "Iterator[bytes]") -> None:
+        self.seq = seq
+        self.raw_bytes = raw_bytes
+        self.raw_done = 0
+        self.wire_bytes = 0
+        self._make = make
+        self._taken = False
+
+    @property
+    def chunks(self) -> Iterator[bytes]:
+        if self._taken:
+            raise RuntimeError(f"checkpoint {self.seq} was already sent")
+        self._taken = True
+        return self._make
+
+
+#: What a channel sends: a checkpoint framed at once, or framed as it is sent.
+FramedCheckpoint = Union[EncodedCheckpoint, StreamedCheckpoint]
 
 
 def session_header(info: Mapping[str, Any]) -> bytes:
@@ -57,29 +93,46 @@ class CheckpointEncoder:
         self._digest = CommitDigest()
 
     def encode(self, seq: int, records: Sequence[Record], captured_unix: Optional[float] = None) -> EncodedCheckpoint:
-        """Frame checkpoint ``seq``; ``captured_unix`` is the wall-clock time of its suspend
-        (default: now), which the COMMIT carries."""
-        raw_bytes = 0
-        wire_bytes = 0
-        chunks: List[bytes] = []
+        """Frame checkpoint ``seq`` at once; ``captured_unix`` is the wall-clock time of its
+        suspend (default: now), which the COMMIT carries."""
+        streamed = self.stream(seq, records, captured_unix, chunk_bytes=CHUNK_BYTES)
+        chunks = list(streamed.chunks)
+        return EncodedCheckpoint(seq, chunks, streamed.raw_bytes, streamed.wire_bytes)
+
+    def stream(self, seq: int, records: Sequence[Record], captured_unix: Optional[float] = None,
+               chunk_bytes: int = STREAM_CHUNK_BYTES) -> StreamedCheckpoint:
+        """Checkpoint ``seq``, to be framed as it is sent (see ``StreamedCheckpoint``).
+
+        The checkpoints of a session must be sent whole and in order: the cache and
+        the commit digest advance as the chunks are made.
+        """
+        captured = time.time() if captured_unix is None else captured_unix
+        raw = sum(_framed_size(r) for r in records) + _COMMIT_BYTES
+        checkpoint = StreamedCheckpoint(seq, raw, iter(()))
+        checkpoint._make = self._chunks(checkpoint, records, captured, chunk_bytes)
+        return checkpoint
+
+    def _chunks(self, checkpoint: StreamedCheckpoint, records: Sequence[Record], captured: float,
+                chunk_bytes: int) -> Iterator[bytes]:
         pending: List[bytes] = []
         pending_size = 0
         for record, raw_size in self._wire_records(records):
             wire = encode_record(record)
             self._digest.add(record_type(record), wire)
-            raw_bytes += raw_size
-            wire_bytes += len(wire)
+            checkpoint.raw_done += raw_size
+            checkpoint.wire_bytes += len(wire)
             pending.append(wire)
             pending_size += len(wire)
-            if pending_size >= CHUNK_BYTES:
-                chunks.append(b"".join(pending))
+            if pending_size >= chunk_bytes:
+                yield b"".join(pending)
                 pending, pending_size = [], 0
         count, crc = self._digest.take()
-        captured = time.time() if captured_unix is None else captured_unix
-        commit = encode_record(Commit(seq, count, crc, int(captured * 1000)))
+        commit = encode_record(Commit(checkpoint.seq, count, crc, int(captured * 1000)))
+        assert len(commit) == _COMMIT_BYTES
         pending.append(commit)
-        chunks.append(b"".join(pending))
-        return EncodedCheckpoint(seq, chunks, raw_bytes + len(commit), wire_bytes + len(commit))
+        checkpoint.raw_done += len(commit)
+        checkpoint.wire_bytes += len(commit)
+        yield b"".join(pending)
 
     def _wire_records(self, records: Sequence[Record]) -> Iterator[tuple[Record, int]]:
         """(record to send, framed size it would have uncompressed)."""
@@ -98,11 +151,20 @@ class CheckpointEncoder:
     def _compressed(self, run: Iterable[PageData]) -> Iterator[tuple[Record, int]]:
         assert self._compressor is not None
         run = list(run)
-        raw = sum(_framed_size(r) for r in run)
-        batches = list(self._compressor.compress(run))
-        # Attribute the uncompressed size to the first batch; only totals matter.
-        for i, batch in enumerate(batches):
-            yield batch, raw if i == 0 else 0
+        left = sum(_framed_size(r) for r in run)
+        # Batches one at a time (a streamed checkpoint sends each as soon as it is made); the
+        # uncompressed size is attributed by pages, the remainder with the last batch.
+        pages = max(1, sum(len(r.pfns) for r in run))
+        per_page = left // pages
+        batch: Optional[PageBatch] = None
+        for upcoming in self._compressor.compress(run):
+            if batch is not None:
+                share = min(left, per_page * len(batch.pfns))
+                left -= share
+                yield batch, share
+            batch = upcoming
+        if batch is not None:
+            yield batch, left
 
 
 def _framed_size(record: Record) -> int:

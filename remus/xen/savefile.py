@@ -37,10 +37,10 @@ import itertools
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError
-from remus.backup.image import Image
+from remus.backup.image import Image, PageStore
 from remus.stream.codec import encode_record
 from remus.stream.records import (
     DHDR_TYPE_X86_PV,
@@ -164,17 +164,21 @@ def _libxc_pieces(image: Image, header: DomainHeader) -> Iterator[bytes]:
     yield header.encode_body()
     for record in image.static_records():
         yield encode_record(record)
-    yield from page_data(image.pages, sorted(image.pages))
+    yield from page_data(image.pages, image.pages if isinstance(image.pages, PageStore) else sorted(image.pages))
     for record in image.state_records():
         yield encode_record(record)
     yield encode_record(XenRecord(XenRecType.END, b""))
 
 
-def page_data(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Sequence[int]) -> Iterator[bytes]:
+def page_data(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Iterable[int]) -> Iterator[bytes]:
     """PAGE_DATA records of ``pfns`` (in that order), in pieces: the head of each record
-    (record header, count, pfn words) and then its pages, the ``bytes`` of ``pages`` as they are."""
-    for start in range(0, len(pfns), MAX_BATCH_PAGES):
-        entries = [pages[pfn] for pfn in pfns[start : start + MAX_BATCH_PAGES]]
+    (record header, count, pfn words) and then its pages, the ``bytes`` of ``pages`` as they are.
+    ``pfns`` is consumed a record at a time; ``pages`` is read as each record is built."""
+    pfns = iter(pfns)
+    while True:
+        entries = [pages[pfn] for pfn in itertools.islice(pfns, MAX_BATCH_PAGES)]
+        if not entries:
+            return
         datas = [data for _word, data in entries if data is not None]
         # PAGE_DATA (see PageData): 8-octet aligned without padding, pages being 4096 octets.
         count = len(entries)
@@ -209,7 +213,7 @@ def checkpointed_opening(config: DomainConfig) -> bytes:
     return xl_header(config.for_restore()) + libxl_header() + libxl_record(LIBXL_REC_TYPE_LIBXC_CONTEXT)
 
 
-def checkpoint_pieces(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Sequence[int],
+def checkpoint_pieces(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Iterable[int],
                       state: Sequence[Record], opening: Sequence[Record] = (),
                       header: Optional[DomainHeader] = None) -> Iterator[bytes]:
     """One checkpoint of a REMUS libxc stream, in pieces, ending with ``CHECKPOINT_TAIL``.

@@ -9,11 +9,16 @@ committed checkpoint behind the primary.
 
 Theory of operation.  ``committed(image, seq, changed_pfns)`` is called by the
 receiver after checkpoint ``seq`` was committed and acknowledged.  It never
-blocks on xl: it records the checkpoint in the *pending* slot (the pages it
-changed as the image returns them, and its state records)
-and wakes the feeder thread.  If the slot still holds a checkpoint xl has not
-been given yet, the two merge: the union of their pages at their latest
-contents, the newer state records.  So at most two checkpoints are in flight
+blocks on xl: it records the checkpoint in the *pending* slot (the PFNs it
+changed and its state records) and wakes the feeder thread.  If the slot still
+holds a checkpoint xl has not been given yet, the two merge: the union of
+their PFNs, the newer state records.  Page contents are never copied here:
+the feeder reads each page from the image as it writes it (under the image's
+lock, a record's worth at a time), so the receiver holds the guest once, not
+twice.  A page read that way may already hold a later checkpoint's contents;
+that later checkpoint lists the page again, and xl is given the end of the
+stream only after everything committed was written, so the checkpoint the
+standby completes from is exactly the last committed one.  So at most two checkpoints are in flight
 (one being written, one pending) and xl catching up sees fewer, bigger ones.
 The feeder waits for xl's banner, writes xl's header and libxl's stream header
 once, then per taken checkpoint libxc's records (``remus.xen.savefile``): the
@@ -39,6 +44,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -47,10 +53,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, AbstractSet, Any, Iterable, Mapping, Optional, Sequence
+from typing import IO, AbstractSet, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from remus.errors import ActivationError, XlError
-from remus.backup.image import Image
+from remus.backup.image import Image, PageStore
 from remus.stream.records import PAGE_SIZE, DomainHeader, Record
 from remus.xen import xl
 from remus.xen.restore import PIPE_BYTES, write_all
@@ -75,6 +81,8 @@ BANNER_TIMEOUT_S = 120.0
 #: complete, attach devices and unpause: a base, and more per GiB of guest memory.
 ACTIVATE_TIMEOUT_S = 120.0
 ACTIVATE_TIMEOUT_S_PER_GIB = 120.0
+#: What xl migrate-receive says once the stream ended and the domain is complete (xl_migrate.c).
+_FAILOVER_SAID = re.compile(r"migration target: Remus Failover for domain (\d+)")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _IOV_MAX = 1024
 _JOIN_S = 30.0
@@ -85,12 +93,37 @@ class _Pending:
     """Checkpoints committed but not yet handed to xl, merged into one."""
 
     seq: int
-    pages: dict[int, tuple[int, Optional[bytes]]]
+    #: The PFNs to write; None: every page the image holds (the first checkpoint).
+    pfns: Optional[set[int]]
     state: list[Record]
     #: The first checkpoint of the stream: libxc's headers and static records go with it.
     header: Optional[DomainHeader] = None
     static: list[Record] = field(default_factory=list)
     merged: int = 1
+
+
+class _LockedPages(Mapping[int, tuple[int, Optional[bytes]]]):
+    """The image's pages as the feeder reads them: one page at a time, copied under the image's
+    lock (a commit never changes a page while it is read); never a copy of the whole image."""
+
+    def __init__(self, image: Image) -> None:
+        self._image = image
+
+    def __getitem__(self, pfn: int) -> tuple[int, Optional[bytes]]:
+        with self._image.lock:
+            return self._image.pages[pfn]
+
+    def __iter__(self) -> Iterator[int]:
+        """The image's PFNs in ascending order; a ``PageStore`` lists them as it goes (no list of
+        every PFN is made), other mappings are listed under the lock."""
+        pages = self._image.pages
+        if isinstance(pages, PageStore):
+            return iter(pages)
+        with self._image.lock:
+            return iter(sorted(pages))
+
+    def __len__(self) -> int:
+        return len(self._image.pages)
 
 
 class XenStandby:
@@ -107,6 +140,7 @@ class XenStandby:
         self._messages = messages
         self._lock = threading.Condition()
         self._pending: Optional[_Pending] = None
+        self._image: Optional[Image] = None  # the receiver's image, read by the feeder
         self._carry: set[int] = set()  # pages of committed checkpoints the image is already past
         self._started_stream = False  # the first checkpoint was taken by the feeder
         self._finishing = False  # activate(): write what is pending, then stop
@@ -195,14 +229,15 @@ class XenStandby:
                 except ActivationError as exc:
                     self._break(f"checkpoint {seq} cannot start a standby: {exc}")
                     return
-                pending = _Pending(seq, dict(image.pages), image.state_records(), header,
+                self._image = image
+                pending = _Pending(seq, None, image.state_records(), header,
                                    image.static_records(), merged=0)
             elif pending is None:
-                pending = _Pending(seq, {}, [], merged=0)
+                pending = _Pending(seq, set(), [], merged=0)
             else:
                 self.checkpoints_merged += 1
-            pages = image.pages
-            pending.pages.update((pfn, pages[pfn]) for pfn in changed_pfns)
+            if pending.pfns is not None:
+                pending.pfns |= changed_pfns
             pending.state = image.state_records()
             pending.seq = seq
             pending.merged += 1
@@ -213,7 +248,11 @@ class XenStandby:
         """Fail over: xl completes the domain from the last committed checkpoint and runs it.
 
         Returns ``domid``, ``name``, ``restore_s`` (from this call to the domain
-        running), ``standby`` True and ``standby_seq`` (the checkpoint xl was given last).
+        running), ``standby`` True, ``standby_seq`` (the checkpoint xl was given last),
+        and where the time went: ``backlog_pages`` (pages still to write when the call
+        began), ``drain_s`` (writing them), ``end_of_stream_s`` (from the call to xl's
+        end of stream) and ``xl_s`` (from there to xl's exit: the domain completed,
+        its devices attached, renamed and unpaused).
 
         Raises:
             ActivationError: the standby is broken, xl could not be given every
@@ -231,20 +270,25 @@ class XenStandby:
             raise ActivationError(f"the standby of {self.name} is broken ({reason}); {said}")
         with self._lock:
             self._finishing = True
-            backlog = 0 if self._pending is None else len(self._pending.pages)
+            pending = self._pending
+            backlog = (0 if pending is None else len(pending.pfns) if pending.pfns is not None
+                       else len(self._image.pages) if self._image is not None else 0)
             self._lock.notify_all()
         timeout_s = ACTIVATE_TIMEOUT_S + ACTIVATE_TIMEOUT_S_PER_GIB * backlog * PAGE_SIZE / (1 << 30)
         self._feeder.join(timeout_s)
+        drained = time.monotonic()
         if self._feeder.is_alive() or self.broken or self._pending is not None:
             why = self.broken or f"xl did not take the last checkpoints within {timeout_s:.0f} s"
             said = self._destroy()
             raise ActivationError(f"the standby of {self.name} could not be activated ({why}); {said}")
         self._tell_guard(ACTIVATE)
         self._close_stream()  # with the guard's end closed too: the end of the stream
+        ended_stream = time.monotonic()
         try:
             status: Optional[int] = self._proc.wait(ACTIVATE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             status = None
+        xl_done = time.monotonic()
         self._reap_guard()
         said_by_xl = self._said()
         log.debug("xl migrate-receive of %s said:\n%s", self.name, said_by_xl)
@@ -253,7 +297,9 @@ class XenStandby:
                     else f"failed (exit status {status}): {xl.summary(said_by_xl)}")
             said = self._destroy()
             raise ActivationError(f"xl migrate-receive of {self.name} {what}; {said}")
-        domid = xl.domid(self.name)
+        # xl names the domain it fails over (tools/xl/xl_migrate.c); ask xl only if it did not.
+        said_domid = _FAILOVER_SAID.search(said_by_xl)
+        domid = int(said_domid.group(1)) if said_domid and "Failed to rename" not in said_by_xl else xl.domid(self.name)
         if domid is None:  # xl only logs a failed rename; the domain runs as NAME--incoming
             domid = xl.domid(self.incoming)
             if domid is None:
@@ -261,8 +307,12 @@ class XenStandby:
                                       f"{self.name} exists afterwards")
         with self._lock:
             self._done = True
+        # Where the time went: writing the backlog, then the end of the stream (the guard lets
+        # go), then xl completing, attaching devices, renaming and unpausing.
         return {"domid": domid, "name": self.name, "restore_s": round(time.monotonic() - started, 2),
-                "standby": True, "standby_seq": self.written_seq}
+                "standby": True, "standby_seq": self.written_seq, "backlog_pages": backlog,
+                "drain_s": round(drained - started, 3), "end_of_stream_s": round(ended_stream - started, 3),
+                "xl_s": round(xl_done - ended_stream, 3)}
 
     def discard(self) -> None:
         """Destroy the standby (kill xl's process group, ``xl destroy NAME--incoming``); start nothing.
@@ -296,8 +346,10 @@ class XenStandby:
                         return
                     taken, self._pending = self._pending, None
                     self._started_stream = True
-                self._write(fd, checkpoint_pieces(taken.pages, sorted(taken.pages), taken.state,
-                                                  taken.static, taken.header))
+                assert self._image is not None
+                pages = _LockedPages(self._image)
+                pfns: Iterable[int] = iter(pages) if taken.pfns is None else sorted(taken.pfns)
+                self._write(fd, checkpoint_pieces(pages, pfns, taken.state, taken.static, taken.header))
                 with self._lock:
                     self.written_seq = taken.seq
                     self.checkpoints_written += 1

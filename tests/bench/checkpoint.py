@@ -3,7 +3,7 @@
 Run: ``python -m tests.bench.checkpoint [--seconds S] [--interval MS] [--tcp]``.
 
 Runs the real engine on a simulated guest (64 MiB, 4000 dirty pages/s by
-default) into /dev/null (or, with ``--tcp``, into a receiver on localhost),
+default) into /dev/null (or, with ``--tcp``, into a receiver process on localhost),
 alternating compression on and off so both see the same machine, and prints
 each figure with its ratio on/off.  Steady-state figures leave out
 checkpoint 1 (all of memory) and checkpoint 2's period, which holds
@@ -13,6 +13,7 @@ checkpoint 1's transfer.  Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from typing import Any
 
@@ -24,6 +25,30 @@ from remus.sim.spec import parse_sim_spec
 from remus.stats import CheckpointStats
 
 
+class ReceiverProcess:
+    """A ``remus-receiver --once`` on 127.0.0.1 in a forked process: its own interpreter, as on
+    a real backup (a receiver thread in this process would share the primary's GIL)."""
+
+    def __init__(self) -> None:
+        from remus.backup.server import Receiver
+        from tests.helpers import LINK_KEY
+
+        receiver = Receiver(port=0, listen="127.0.0.1", key=LINK_KEY, once=True, stop=StopFlag(),
+                            say=lambda line: None, on_event=lambda event: None)
+        self.port = receiver.bind()
+        self.pid = os.fork()
+        if self.pid == 0:
+            status = 1
+            try:
+                status = receiver.serve()
+            finally:
+                os._exit(status)
+        receiver._listener.close()  # type: ignore[union-attr]  # the child's now
+
+    def finish(self) -> None:
+        os.waitpid(self.pid, 0)
+
+
 def one_run(compression: bool, seconds: float, interval_ms: int, tcp: bool, sim: str) -> dict[str, float]:
     domain = SimulatedDomain(parse_sim_spec(sim))
     stop = StopFlag()
@@ -33,9 +58,8 @@ def one_run(compression: bool, seconds: float, interval_ms: int, tcp: bool, sim:
     if tcp:
         from remus.transport import TcpChannel
         from tests.helpers import LINK_KEY
-        from tests.test_transport import ReceiverThread
 
-        backup = ReceiverThread()
+        backup = ReceiverProcess()
         channel = TcpChannel("127.0.0.1", backup.port, key=LINK_KEY)
     else:
         channel = BlackholeChannel()

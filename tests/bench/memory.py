@@ -63,7 +63,7 @@ def primary(memory: str, checkpoints: int, path: str) -> dict[str, object]:
 
 
 def backup(path: str) -> dict[str, object]:
-    from remus.backup import BackupSession
+    from remus.backup.session import BackupSession
 
     before = rss()
     session = BackupSession()

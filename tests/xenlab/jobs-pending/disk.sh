@@ -23,6 +23,8 @@ REPLICA_ROOT=$LAB/replica
 REPLICA=$REPLICA_ROOT$DATA
 DOMD_CFG=$LAB/domd.cfg
 DOMD_CONSOLE=/var/log/xen/console/guest-domd.log
+# The failed-over guest was the standby domd--incoming when xenconsoled opened its log.
+STANDBY_CONSOLE=/var/log/xen/console/guest-domd--incoming.log
 EVENTS=$OUTD/disk-events.jsonl
 STATS=$OUTD/disk-stats.jsonl
 MORE=${REMUS_LAB_DISK_MORE:-3}
@@ -45,7 +47,9 @@ build_domd() {
     (cd "$d" && gzip -dc $LAB/domu-initrd.gz | cpio -id --quiet) || return 1
     mkdir -p "$d/modules" "$d/mnt"
     : > "$d/modules/order"
-    for m in $(modprobe --show-depends xen-blkfront ext4 | awk '$1 == "insmod" {print $2}'); do
+    # -a: every name is a module (without it modprobe takes the later names as parameters of
+    # the first); crc32c_generic: ext4's metadata checksums (a soft dependency).
+    for m in $(modprobe -a --show-depends xen-blkfront ext4 crc32c_generic | awk '$1 == "insmod" {print $2}'); do
         base=$(basename "$m")
         case $base in
             *.xz) xz -dc "$m" > "$d/modules/${base%.xz}"; base=${base%.xz} ;;
@@ -99,17 +103,20 @@ ok=0
 modprobe nbd || ok=1
 install -m 755 $LAB_BUILD/contrib/hotplug/block-remus /etc/xen/scripts/block-remus || ok=1
 build_domd || ok=1
-rm -rf $REPLICA_ROOT $DOMD_CONSOLE
+rm -rf $REPLICA_ROOT $DOMD_CONSOLE $STANDBY_CONSOLE
 [ $ok = 0 ] && xl create -q $DOMD_CFG || ok=1
 counting() { [ "$(domd_counter)" ] && [ "$(domd_counter)" -ge "$1" ]; }
 if [ $ok = 0 ]; then wait_for 180 counting 20 || ok=1; fi
 DOMD_ID=$(xl domid domd 2>/dev/null)
+# Without its data disk mounted the counter would live in the guest's RAM: nothing to replicate.
+grep -q "domd: cannot mount" $DOMD_CONSOLE && { echo "domd could not mount its data disk"; ok=1; }
 check disk_setup $ok "nbd module, block-remus installed, domd counter $(domd_counter)," \
     "backend $(xenstore-read "/local/domain/0/backend/vbd/$DOMD_ID/51728/physical-device-path" 2>/dev/null)"
 [ $ok = 0 ] || { tail -20 $DOMD_CONSOLE; cat /run/remus/disk/*.log 2>/dev/null; exit 1; }
 
 section "a writable disk that is not replicated is refused"
 truncate -s 16M $LAB/domr.img
+modprobe loop  # xl's own block script puts a plain file on a loop device
 sed -e 's/^name = .*/name = "domr"/' -e 's/,script=block-remus//' -e "s#$DATA#$LAB/domr.img#" \
     $DOMD_CFG > $LAB/domr.cfg
 xl create -q -p $LAB/domr.cfg
@@ -149,13 +156,17 @@ wait_for 300 reach $((n0 + MORE))
 kill -STOP $REMUS
 xl destroy domd
 lines_before=$(grep -c '' $DOMD_CONSOLE)
+standby_before=$(grep -c '' $STANDBY_CONSOLE 2>/dev/null || echo 0)
 t_kill=$(uptime_s)
 kill -KILL $REMUS
 wait_for 900 gone $RECEIVER
 gone $RECEIVER || fail_and_stop "the receiver did not finish"
 wait $RECEIVER; rrc=$?
 cat $OUTD/disk-receiver.log
-new_lines() { tail -n +$((lines_before + 1)) $DOMD_CONSOLE | sed -n 's/.*domd counter \([0-9]*\).*/\1/p'; }
+new_lines() {
+    { tail -n +$((lines_before + 1)) $DOMD_CONSOLE; tail -n +$((standby_before + 1)) $STANDBY_CONSOLE 2>/dev/null; } |
+        sed -n 's/.*domd counter \([0-9]*\).*/\1/p'
+}
 has_new() { [ "$(new_lines | grep -c '')" -ge "$1" ]; }
 wait_for 180 has_new 10
 after=$(new_lines | head -1)

@@ -215,6 +215,7 @@ kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
 t_kill=$(uptime_s)
+t_kill_wall=$(date +%s.%N)
 kill -KILL $REMUS
 wait $REMUS 2>/dev/null
 wait_fast 120 runs_as_new "$OLD_DOMID"
@@ -238,12 +239,17 @@ wait $RECEIVER
 rrc=$?
 cat $OUTD/failover_xen-receiver.log
 xl list
-python3 - "$EVENTS" > $OUTD/failover-activated.env <<'EOF'
+python3 - "$EVENTS" "$t_kill_wall" > $OUTD/failover-activated.env <<'EOF'
 import json, sys
 events = [e for e in map(json.loads, open(sys.argv[1])) if e.get("event") == "activated"]
 e = events[-1] if events else {}
+# From the SIGKILL to activate() (the loss seen), then activate()'s own parts (remus.xen.standby).
+seen_s = round(e.get("time", 0) - e.get("activate_s", 0) - float(sys.argv[2]), 2) if e else 0
 print(f"seq={e.get('seq', 0)} domid={e.get('domid', -1)} restore_s={e.get('restore_s', 0)} "
-      f"age_s={round(e.get('age_s', 0), 2)} standby={'yes' if e.get('standby') else 'no'}")
+      f"age_s={round(e.get('age_s', 0), 2)} standby={'yes' if e.get('standby') else 'no'} "
+      f"parts='loss seen {seen_s}s, backlog {e.get('backlog_pages', '?')} pages written in "
+      f"{e.get('drain_s', '?')}s, end of stream at {e.get('end_of_stream_s', '?')}s, "
+      f"xl {e.get('xl_s', '?')}s'")
 EOF
 . $OUTD/failover-activated.env
 said=$(grep -c "activated xen:domu from checkpoint $seq (.* old); it runs as domain $domid" \
@@ -276,7 +282,7 @@ no_domain domu--incoming || ok=1
 check failover_xen $ok "receiver exit $rrc; standby domu--incoming $incoming_state during protection;" \
     "activated checkpoint $seq (the last ack remus saw: $acked; $age_s s old; standby: $standby) as domain" \
     "$domid (was $OLD_DOMID), state $state; SIGKILL to running ${running_s}s, to the guest's next line" \
-    "${printing_s}s (activate() ${restore_s}s); counter $mark before checkpoint $((n0 + 2)), then" \
+    "${printing_s}s (activate() ${restore_s}s: $parts); counter $mark before checkpoint $((n0 + 2)), then" \
     "$(echo $counters | cut -d' ' -f1-4) ... ($verdict); first checkpoint after ${first_s}s;" \
     "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
 REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s
