@@ -48,6 +48,9 @@ class FakeHot:
     def discard(self) -> None:
         self.calls.append(("discard",))
 
+    def warming(self) -> bool:
+        return False
+
 
 def protect(standby: Any, checkpoints: int = 3) -> BackupSession:
     """Feed a session as the server does: every Committed output to the standby."""

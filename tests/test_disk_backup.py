@@ -171,6 +171,9 @@ def test_a_broken_replica_set_is_never_handed_to_a_domain(tmp_path: Path) -> Non
 
         def close(self) -> None: ...
 
+        def warming(self) -> bool:
+            return False
+
     replicas = ReplicaSet([DiskSpec("/d.img", 4096)], root=str(tmp_path))
     replicas.apply(1, DiskStaging())
     staging = DiskStaging()

@@ -42,7 +42,7 @@ def test_connect_bytes() -> None:
     expected = bytes.fromhex("01010000")  # NBD_CMD_CONNECT, version 1
     expected += bytes.fromhex("0800" "0100" "03000000")  # INDEX u32 3
     expected += bytes.fromhex("0c00" "0200") + struct.pack("=Q", 1 << 30)  # SIZE_BYTES
-    expected += bytes.fromhex("0c00" "0300") + struct.pack("=Q", 4096)  # BLOCK_SIZE_BYTES
+    expected += bytes.fromhex("0c00" "0300") + struct.pack("=Q", 512)  # BLOCK_SIZE_BYTES: a 512-byte-sector disk
     expected += bytes.fromhex("0c00" "0400") + struct.pack("=Q", 30)  # TIMEOUT s
     expected += bytes.fromhex("0c00" "0500") + struct.pack("=Q", 0x0D)  # SERVER_FLAGS
     expected += bytes.fromhex("0c00" "0600") + struct.pack("=Q", 1)  # CLIENT_FLAGS destroy-on-disconnect

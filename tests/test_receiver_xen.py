@@ -4,6 +4,7 @@ committed checkpoint; its result or its failure is reported in one line."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any, Mapping
 
@@ -12,7 +13,7 @@ import pytest
 from remus.errors import ActivationError
 from remus.backup.image import Image
 from remus.stream.codec import encode_record
-from remus.stream.records import Close, CloseReason
+from remus.stream.records import Ack, Close, CloseReason
 from tests.helpers import SealedClient
 from tests.test_transport import ReceiverThread
 from tests.xen_stream import CONFIG, STATE_TYPES, xen_session
@@ -106,3 +107,72 @@ def test_a_xen_domain_is_restored_on_its_disk_replica_at_the_committed_state(tmp
     data = replica.read_bytes()
     assert data[512:2048] == b"\x01" * 512 + b"\x02" * 512 + b"\x03" * 512  # checkpoint 4 never committed
     assert data[2048:] == bytes(65536 - 2048)
+
+
+class WarmingHot:
+    """A hot standby that takes in the first checkpoint only when the test says so."""
+
+    def __init__(self) -> None:
+        self.warm = threading.Event()
+        self.committed_seqs: list[int] = []
+
+    def start(self, info: Mapping[str, Any]) -> "WarmingHot":
+        return self
+
+    def committed(self, image: Image, seq: int, changed_pfns: Any) -> None:
+        self.committed_seqs.append(seq)
+
+    def activate(self) -> dict[str, Any]:
+        return {"domid": 7, "name": "domu", "restore_s": 0.1, "standby": True}
+
+    def discard(self) -> None:
+        pass
+
+    def warming(self) -> bool:
+        return bool(self.committed_seqs) and not self.warm.is_set()
+
+
+def acks_in(plain: bytes) -> list[int]:
+    """The checkpoints acknowledged in the receiver's replies, in the order they were sent."""
+    found = [(plain.find(encode_record(Ack(seq))), seq) for seq in range(10)]
+    return [seq for at, seq in sorted(found) if at >= 0]
+
+
+def test_acks_wait_until_the_hot_standby_has_the_first_checkpoint() -> None:
+    """Until the standby took in the first checkpoint a failover would be slow, so the primary
+    hears heartbeats but no ACK of a checkpoint; then every held ACK goes, in order."""
+    hot = WarmingHot()
+    backup = ReceiverThread(restore_xen=FakeRestorer(), start_hot_xen=hot.start)
+    stream, _guest = xen_session(3)
+    with SealedClient(backup.port) as client:
+        client.sendall(stream)
+        deadline = time.monotonic() + 15
+        while sum(1 for e in list(backup.events) if e["event"] == "commit") < 3:
+            assert time.monotonic() < deadline, backup.events
+            time.sleep(0.02)
+        client.sock.settimeout(0.1)
+        plain = b""
+
+        def read_for(seconds: float) -> bytes:
+            got = b""
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:  # heartbeats keep coming: read for a while, not to EOF
+                try:
+                    data = client.sock.recv(65536)
+                except socket.timeout:
+                    continue
+                assert data, f"the receiver closed the connection: {backup.lines}"
+                got += b"".join(client.link.receive_data(data))
+            return got
+
+        plain += read_for(0.5)
+        assert acks_in(plain) == [0]  # the session's opening only
+        assert any(e["event"] == "session" for e in backup.events)
+        hot.warm.set()
+        while acks_in(plain)[-1:] != [3]:
+            assert time.monotonic() < deadline, acks_in(plain)
+            plain += read_for(0.1)
+        assert acks_in(plain) == [0, 1, 2, 3]
+        client.sendall(encode_record(Close(CloseReason.STOPPED, "done")))
+    assert backup.finish() == 0
+    assert hot.committed_seqs == [1, 2, 3]

@@ -232,3 +232,35 @@ def test_the_standby_holds_no_copy_of_the_guest(fake_xl: Path, tmp_path: Path,
     standby.activate()
     failover = json.loads((fake_xl / "failover.json").read_text())
     assert failover["memory"] == expected_memory(guest)
+
+
+def test_the_standby_is_warming_until_xl_has_read_the_first_checkpoint(fake_xl: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_XL_HOLD", str(tmp_path / "go"))
+    stream, _guest = xen_session(2)
+    session = BackupSession()
+    session.receive_data(stream[:4096])
+    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    assert not standby.warming()  # nothing committed yet: no ACK to hold
+    follow(stream, standby)
+    assert standby.warming()  # xl reads nothing while held
+    (tmp_path / "go").write_text("go")
+    wait_until(lambda: not standby.warming())
+    assert standby.broken is None
+    standby.discard()
+
+
+def test_a_standby_that_stays_cold_breaks_and_holds_nothing(fake_xl: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_XL_HOLD", str(tmp_path / "go"))
+    stream, _guest = xen_session(1)
+    session = BackupSession()
+    session.receive_data(stream[:4096])
+    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    follow(stream, standby)
+    assert standby.warming()
+    standby._warm_limit_s = 0.0  # as if ACTIVATE_TIMEOUT_S had passed
+    assert not standby.warming()
+    assert standby.broken == "xl did not take in the first checkpoint within 0 s"
+    with pytest.raises(ActivationError, match="broken"):
+        standby.activate()  # the cold path restores instead

@@ -71,6 +71,11 @@ class Standby(Protocol):
     def close(self) -> None:
         """The receiver is stopping: stop a domain that runs inside it (a simulated guest)."""
 
+    def warming(self) -> bool:
+        """True while the ready domain has not yet taken in the first checkpoint: a failover
+        now would be slow, so the receiver holds its acknowledgements (never for long: a
+        standby that stays cold breaks and the cold path takes over)."""
+
 
 def memory_of(info: Mapping[str, Any]) -> int:
     """The guest memory, in bytes, that a session declares.
@@ -200,6 +205,9 @@ class DiskStandby:
         self.disks.close()
         self.inner.discard()
 
+    def warming(self) -> bool:
+        return self.inner.warming()
+
     def close(self) -> None:
         self.disks.close()
         self.inner.close()
@@ -237,6 +245,9 @@ class SimStandby:
     def discard(self) -> None:
         self._image = None
 
+    def warming(self) -> bool:
+        return False
+
     def close(self) -> None:
         if self.domain is not None:
             self.domain.close()
@@ -266,6 +277,9 @@ class ColdXenStandby:
     def discard(self) -> None:
         self._image = None
 
+    def warming(self) -> bool:
+        return False
+
     def close(self) -> None:
         """A restored Xen domain runs on its own: nothing to stop."""
 
@@ -279,6 +293,8 @@ class HotStandby(Protocol):
     def activate(self) -> dict[str, Any]: ...
 
     def discard(self) -> None: ...
+
+    def warming(self) -> bool: ...
 
 
 #: ``start_hot_xen(session_info)`` starts a hot standby (raises RemusError if it cannot).
@@ -334,6 +350,9 @@ class HotXenStandby:
         if hot is not None:
             hot.discard()
         self.cold.discard()
+
+    def warming(self) -> bool:
+        return self.hot is not None and self.hot.warming()
 
     def close(self) -> None:
         """A Xen domain runs on its own: nothing to stop."""

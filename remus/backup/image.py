@@ -40,7 +40,8 @@ class Staging:
     """One checkpoint being received (at most one at a time)."""
 
     max_pages: int
-    # A PageStore, so that the first checkpoint (all of memory) becomes the image without a copy.
+    # A PageStore for the first checkpoint, so that all of memory becomes the image without a
+    # copy; a dict for the later, small ones.
     pages: MutableMapping[int, "PageEntry"] = field(default_factory=lambda: PageStore())
     records: list[Record] = field(default_factory=list)
     header: Optional[DomainHeader] = None

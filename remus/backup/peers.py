@@ -17,7 +17,7 @@ from remus.backup.session import BackupSession
 from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.stream.codec import encode_record
-from remus.stream.records import Heartbeat
+from remus.stream.records import Heartbeat, Record
 from remus.transport import HEARTBEAT_INTERVAL_S
 
 #: A write to a primary that takes longer than this ends its session (it stopped reading).
@@ -91,6 +91,8 @@ class Live:
     #: Local monotonic time of the last commit, and the primary's wall clock of its capture.
     commit_mono: float = 0.0
     commit_captured: float = 0.0
+    #: ACKs held while the standby takes in the first checkpoint (``Standby.warming``), in order.
+    held_acks: list[Record] = field(default_factory=list)
 
 
 @dataclass

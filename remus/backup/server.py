@@ -81,7 +81,7 @@ from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
 from remus.stream.codec import encode_record
-from remus.stream.records import Accept, Close, CloseReason, StreamHeader
+from remus.stream.records import Accept, Ack, Close, CloseReason, StreamHeader
 from remus.transport import display_address, tune
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,26 @@ class Receiver:
         close_gently(sock)
 
     # -- the live session ------------------------------------------------------------------
+    @staticmethod
+    def _warming(live: Live) -> bool:
+        return live.standby is not None and live.standby.warming()
+
+    def _release_acks(self, live: Live) -> bool:
+        """Send the held ACKs once the standby is warm; False if the connection failed."""
+        if not live.held_acks or self._warming(live):
+            return True
+        acks, live.held_acks = live.held_acks, []
+        try:
+            for ack in acks:
+                live.out.send(encode_record(ack))
+        except OSError as exc:
+            self._lost(live, f"connection failed: {exc.strerror or exc}")
+            return False
+        return True
+
     def _serve_live(self, live: Live, readable: bool) -> None:
+        if not self._release_acks(live):
+            return
         if readable:
             try:
                 data = live.sock.recv(_RECV_BYTES)
@@ -411,8 +430,12 @@ class Receiver:
 
     def _on_output(self, live: Live, output: object) -> bool:
         if isinstance(output, SendBack):
+            record = output.record
+            if isinstance(record, Ack) and record.seq > 0 and (live.held_acks or self._warming(live)):
+                live.held_acks.append(record)  # sent once the standby has the first checkpoint
+                return True
             try:
-                live.out.send(encode_record(output.record))
+                live.out.send(encode_record(record))
             except OSError as exc:
                 self._lost(live, f"connection failed: {exc.strerror or exc}")
                 return False

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from remus.backup.activation import XEN_PFN_SPACE, check_capacity, pfn_bound
-from remus.backup.image import Image, Staging
+from remus.backup.image import Image, PageStore, Staging
 from remus.disk.replica import ReplicaSet
 from remus.errors import RemoteProtocolError, RemusError
 from remus.stream.codec import EndOfStream, StreamDecoder, padded_length
@@ -214,7 +214,9 @@ class BackupSession:
 
     def _stage(self, record: object) -> None:
         if self._staging is None:
-            self._staging = Staging(self.max_pages)
+            # The first checkpoint (all of memory) is staged in a PageStore the image then adopts;
+            # later ones are a few pages each, cheaper in a dict.
+            self._staging = Staging(self.max_pages, PageStore() if self.image.seq == 0 else {})
         staging = self._staging
         if isinstance(record, (DiskWrite, DiskDigest)):  # after the domain's CHECKPOINT, before COMMIT
             if self.disks is None:

@@ -199,15 +199,19 @@ class GuestMemory:
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_ZERO_PAGE_HASH = hashlib.blake2b(_ZERO_PAGE, digest_size=PAGE_HASH_SIZE).digest()
+_ZERO_TERM = bytes(PAGE_HASH_SIZE)
 _DIGEST_MODULUS = 1 << (8 * PAGE_HASH_SIZE)
 
 
 def page_element(pfn: int, data: "bytes | memoryview") -> bytes:
-    """One page's term of the memory digest: BLAKE2b-256 of (PFN, BLAKE2b-256 of the page)."""
-    inner = _ZERO_PAGE_HASH if data == _ZERO_PAGE else hashlib.blake2b(
-        data, digest_size=PAGE_HASH_SIZE).digest()
-    return hashlib.blake2b(pfn.to_bytes(8, "little") + inner, digest_size=PAGE_HASH_SIZE).digest()
+    """One page's term of the memory digest: SHA-256 of (PFN, page), or zero for a zero page
+    (so a fresh guest's table is all zeros and costs no hashing).  SHA-256, not BLAKE2b: with
+    the CPU's SHA extensions (OpenSSL uses them) it is about 3x faster on a page."""
+    if data == _ZERO_PAGE:
+        return _ZERO_TERM
+    term = hashlib.sha256(pfn.to_bytes(8, "little"))
+    term.update(data)
+    return term.digest()
 
 
 class MemoryDigest:
@@ -225,10 +229,8 @@ class MemoryDigest:
 
     def __init__(self, pages: int) -> None:
         self.pages = pages
-        zero_terms = (page_element(pfn, _ZERO_PAGE) for pfn in range(pages))
-        self.table = bytearray(b"".join(zero_terms))
-        self._sum = sum(int.from_bytes(self.table[i : i + PAGE_HASH_SIZE], "little")
-                        for i in range(0, len(self.table), PAGE_HASH_SIZE)) % _DIGEST_MODULUS
+        self.table = bytearray(pages * PAGE_HASH_SIZE)  # every page zero: every term zero
+        self._sum = 0
 
     @classmethod
     def of(cls, memory: "bytes | bytearray | memoryview | mmap.mmap") -> "MemoryDigest":

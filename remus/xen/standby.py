@@ -12,14 +12,15 @@ receiver after checkpoint ``seq`` was committed and acknowledged.  It never
 blocks on xl: it records the checkpoint in the *pending* slot (the PFNs it
 changed and its state records) and wakes the feeder thread.  If the slot still
 holds a checkpoint xl has not been given yet, the two merge: the union of
-their PFNs, the newer state records.  Page contents are never copied here:
-the feeder reads each page from the image as it writes it (under the image's
-lock, a record's worth at a time), so the receiver holds the guest once, not
-twice.  A page read that way may already hold a later checkpoint's contents;
-that later checkpoint lists the page again, and xl is given the end of the
-stream only after everything committed was written, so the checkpoint the
-standby completes from is exactly the last committed one.  So at most two checkpoints are in flight
-(one being written, one pending) and xl catching up sees fewer, bigger ones.
+their PFNs, the newer state records.  So at most two checkpoints are in
+flight (one being written, one pending) and xl catching up sees fewer,
+bigger ones.  Page contents are never copied here: the feeder reads each
+page from the image as it writes it (under the image's lock, one page at a
+time), so the receiver holds the guest once, not twice.  A page read that
+way may already hold a later checkpoint's contents; that later checkpoint
+lists the page again, and xl is given the end of the stream only after
+everything committed was written, so the checkpoint the standby completes
+from is exactly the last committed one.
 The feeder waits for xl's banner, writes xl's header and libxl's stream header
 once, then per taken checkpoint libxc's records (``remus.xen.savefile``): the
 first one with the libxc headers, the static records and every page; later
@@ -27,6 +28,12 @@ ones with the changed pages, TSC/shared-info/vCPU records; each one closed by
 CHECKPOINT and libxl's CHECKPOINT_END in a single 16-byte write.  libxc keeps
 what follows a CHECKPOINT aside until the next one arrives, so the standby
 domain only ever holds complete checkpoints.
+
+Until xl has read the whole first checkpoint (all of the guest's memory:
+under emulation xl can take minutes to populate the domain) ``warming()`` is
+true, and the receiver holds its ACKs: the primary, hearing heartbeats,
+waits, and becomes protected only once a failover would be quick.  Later
+checkpoints are small and are never held.
 
 ``activate()`` (failover) lets the feeder finish everything committed, tells
 the guard to let go, and closes xl's stdin: xl completes the domain from the
@@ -47,9 +54,11 @@ import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +94,8 @@ ACTIVATE_TIMEOUT_S_PER_GIB = 120.0
 _FAILOVER_SAID = re.compile(r"migration target: Remus Failover for domain (\d+)")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _IOV_MAX = 1024
+#: How often the feeder looks whether xl has read the first checkpoint.
+_READ_POLL_S = 0.02
 _JOIN_S = 30.0
 
 
@@ -146,6 +157,9 @@ class XenStandby:
         self._finishing = False  # activate(): write what is pending, then stop
         self._abandon = False  # discard(): stop at once
         self._done = False
+        self._warm = False  # xl has read the whole first checkpoint
+        self._first_at: Optional[float] = None  # when the first checkpoint was committed (monotonic)
+        self._warm_limit_s = ACTIVATE_TIMEOUT_S
         #: Why the standby cannot be activated (None while it can).
         self.broken: Optional[str] = None
         self.written_seq = 0
@@ -230,6 +244,8 @@ class XenStandby:
                     self._break(f"checkpoint {seq} cannot start a standby: {exc}")
                     return
                 self._image = image
+                self._first_at = time.monotonic()
+                self._warm_limit_s = ACTIVATE_TIMEOUT_S + ACTIVATE_TIMEOUT_S_PER_GIB * len(image.pages) * PAGE_SIZE / (1 << 30)
                 pending = _Pending(seq, None, image.state_records(), header,
                                    image.static_records(), merged=0)
             elif pending is None:
@@ -325,6 +341,23 @@ class XenStandby:
         said = self._destroy()
         log.info("standby of %s discarded: %s", self.name, said)
 
+    def warming(self) -> bool:
+        """True from the first committed checkpoint until xl has read all of it.
+
+        Until then a failover would wait for xl to take in the whole guest, so the
+        receiver holds its ACKs (the primary, hearing heartbeats, waits).  A standby
+        still cold after ``ACTIVATE_TIMEOUT_S`` plus as much per GiB breaks (a failover
+        would then restore the cold way) and stops holding anything.
+        """
+        with self._lock:
+            if self._warm or self._first_at is None or self._done or self.broken:
+                return False
+            waited = time.monotonic() - self._first_at
+        if waited > self._warm_limit_s:
+            self._break(f"xl did not take in the first checkpoint within {self._warm_limit_s:.0f} s")
+            return False
+        return True
+
     def statistics(self) -> dict[str, Any]:
         """Checkpoints handed to xl, merged on the way, bytes written; whether it broke."""
         return {"written_seq": self.written_seq, "checkpoints_written": self.checkpoints_written,
@@ -350,15 +383,35 @@ class XenStandby:
                 pages = _LockedPages(self._image)
                 pfns: Iterable[int] = iter(pages) if taken.pfns is None else sorted(taken.pfns)
                 self._write(fd, checkpoint_pieces(pages, pfns, taken.state, taken.static, taken.header))
+                if not self._warm:
+                    self._wait_until_read(fd)
                 with self._lock:
                     self.written_seq = taken.seq
                     self.checkpoints_written += 1
+                    self._warm = True
         except BrokenPipeError:
             self._break(f"xl stopped reading the stream: {xl.summary(self._said())}")
         except ActivationError as exc:
             self._break(str(exc))
         except OSError as exc:
             self._break(f"writing to xl failed: {exc.strerror or exc}")
+
+    def _wait_until_read(self, fd: int) -> None:
+        """Return once xl has read everything written to its stdin (or the standby is being
+        discarded, or xl is gone).  The pipe's byte count, polled: xl says nothing back."""
+        while True:
+            with self._lock:
+                if self._abandon or self.broken:
+                    return
+            if self._proc.poll() is not None:
+                return
+            try:
+                unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            except OSError:
+                return
+            if unread == 0:
+                return
+            time.sleep(_READ_POLL_S)
 
     def _wait_for_banner(self, out: int) -> None:
         deadline = time.monotonic() + BANNER_TIMEOUT_S

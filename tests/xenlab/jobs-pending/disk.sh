@@ -63,10 +63,11 @@ build_domd() {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-while read -r m; do insmod "/modules/$m" 2>/dev/null; done < /modules/order
+while read -r m; do insmod "/modules/$m" || echo "domd: insmod $m failed"; done < /modules/order
+grep -q ext4 /proc/filesystems || echo "domd: no ext4 in /proc/filesystems"
 i=0
 while [ ! -b /dev/xvdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-mount -t ext4 /dev/xvdb /mnt || echo "domd: cannot mount /dev/xvdb"
+mount -t ext4 /dev/xvdb /mnt || { echo "domd: cannot mount /dev/xvdb"; ls -l /dev/xvd* /modules; }
 n=$(cat /mnt/counter 2>/dev/null || echo 0)
 echo "domd: up"
 while :; do
