@@ -234,13 +234,19 @@ def test_the_standby_holds_no_copy_of_the_guest(fake_xl: Path, tmp_path: Path,
     assert failover["memory"] == expected_memory(guest)
 
 
-def test_the_standby_is_warming_until_xl_has_read_the_first_checkpoint(fake_xl: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def start_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoints: int) -> tuple[XenStandby, bytes]:
+    """A standby over a 64 KiB pipe whose xl reads nothing until ``tmp_path/go`` exists, and the
+    primary's stream of ``checkpoints`` checkpoints."""
     monkeypatch.setenv("FAKE_XL_HOLD", str(tmp_path / "go"))
-    stream, _guest = xen_session(2)
+    stream, _guest = xen_session(checkpoints)
     session = BackupSession()
     session.receive_data(stream[:4096])
-    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    return XenStandby.start(session.info, pipe_bytes=(65536,)), stream
+
+
+def test_the_standby_is_warming_until_xl_has_read_the_first_checkpoint(fake_xl: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    standby, stream = start_held(tmp_path, monkeypatch, 2)
     assert not standby.warming()  # nothing committed yet: no ACK to hold
     follow(stream, standby)
     assert standby.warming()  # xl reads nothing while held
@@ -252,11 +258,7 @@ def test_the_standby_is_warming_until_xl_has_read_the_first_checkpoint(fake_xl: 
 
 def test_a_standby_that_stays_cold_breaks_and_holds_nothing(fake_xl: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_XL_HOLD", str(tmp_path / "go"))
-    stream, _guest = xen_session(1)
-    session = BackupSession()
-    session.receive_data(stream[:4096])
-    standby = XenStandby.start(session.info, pipe_bytes=(65536,))
+    standby, stream = start_held(tmp_path, monkeypatch, 1)
     follow(stream, standby)
     assert standby.warming()
     standby._warm_limit_s = 0.0  # as if ACTIVATE_TIMEOUT_S had passed

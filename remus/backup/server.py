@@ -623,10 +623,11 @@ class Receiver:
         held.fence_thread = threading.Thread(target=run, name="remus-fence", daemon=True)
         held.fence_thread.start()
 
-    def _age(self, held: Held) -> float:
-        """How old the held checkpoint is: by this host's clock since it was committed here, or
-        by the primary's clock since it was captured, whichever is older (a stalled receiver
-        commits late what was captured long ago)."""
+    @staticmethod
+    def _age(held: "Held | Live") -> float:
+        """How old the last committed checkpoint is: by this host's clock since it was committed
+        here, or by the primary's clock since it was captured, whichever is older (a stalled
+        receiver commits late what was captured long ago)."""
         local = time.monotonic() - held.commit_mono
         remote = time.time() - held.commit_captured if held.commit_captured else 0.0
         return max(local, remote)
@@ -688,9 +689,7 @@ class Receiver:
                           seq=live.session.image.seq, takeover_s=live.takeover_s,
                           heard_s=round(time.monotonic() - live.last_heard, 3))
             if live.commit_mono:
-                local = time.monotonic() - live.commit_mono
-                remote = time.time() - live.commit_captured if live.commit_captured else 0.0
-                answer["age_s"] = round(max(local, remote), 3)
+                answer["age_s"] = round(self._age(live), 3)
         elif held is not None:
             answer.update(state=(Phase.FENCING if self.fence and self.takeover == "auto" else Phase.HOLDING).value,
                           domain=held.name, primary=held.host, seq=held.session.image.seq,

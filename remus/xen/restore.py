@@ -51,6 +51,19 @@ RESTORE_TIMEOUT_S_PER_GIB = 240.0
 #: room for a whole PAGE_DATA record, so fewer wake-ups of the feeding and the reading side.
 PIPE_BYTES = (4 << 20, 1 << 20)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def enlarge_pipe(fd: int, sizes: Sequence[int] = PIPE_BYTES) -> None:
+    """Give the pipe ``fd`` the first buffer size in ``sizes`` the kernel grants; keep its own
+    otherwise (a smaller pipe only means more wake-ups).  Never raises."""
+    for size in sizes:
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
+
+
 #: Pieces per writev (the kernel's UIO_MAXIOV).
 _IOV_MAX = 1024
 #: How long the feeding thread may take to notice that xl is gone.
@@ -97,12 +110,7 @@ def _run_xl_restore(name: str, chunks: Iterable[bytes], timeout_s: float) -> Non
         except OSError as exc:
             raise ActivationError(f"cannot run xl restore: {exc.strerror or exc}") from None
         assert proc.stdin is not None
-        for size in PIPE_BYTES:
-            try:
-                fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, size)
-                break
-            except OSError:
-                continue  # a smaller pipe only means more wake-ups
+        enlarge_pipe(proc.stdin.fileno())
         feeder = _Feeder(proc.stdin, chunks)
         feeder.start()
         try:

@@ -68,7 +68,7 @@ from remus.errors import ActivationError, XlError
 from remus.backup.image import Image, PageStore
 from remus.stream.records import PAGE_SIZE, DomainHeader, Record
 from remus.xen import xl
-from remus.xen.restore import PIPE_BYTES, write_all
+from remus.xen.restore import PIPE_BYTES, enlarge_pipe, write_all
 from remus.xen.savefile import (
     CHECKPOINT_TAIL,
     DomainConfig,
@@ -92,7 +92,6 @@ ACTIVATE_TIMEOUT_S = 120.0
 ACTIVATE_TIMEOUT_S_PER_GIB = 120.0
 #: What xl migrate-receive says once the stream ended and the domain is complete (xl_migrate.c).
 _FAILOVER_SAID = re.compile(r"migration target: Remus Failover for domain (\d+)")
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _IOV_MAX = 1024
 #: How often the feeder looks whether xl has read the first checkpoint.
 _READ_POLL_S = 0.02
@@ -196,12 +195,7 @@ class XenStandby:
             messages.close()
             raise ActivationError(f"cannot run xl migrate-receive: {exc.strerror or exc}") from None
         assert proc.stdin is not None
-        for size in pipe_bytes:
-            try:
-                fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, size)
-                break
-            except OSError:
-                continue
+        enlarge_pipe(proc.stdin.fileno(), pipe_bytes)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         try:
             guard = subprocess.Popen(
