@@ -1,5 +1,5 @@
 #!/bin/sh
-# Lab job (runs in dom0; PENDING: written without a lab run, the lead decides when it joins jobs/):
+# Lab job (runs in dom0, in the suite before failover-xen.sh, which brings the lab's domu back):
 # disk replication of a PV guest whose data disk uses script=block-remus.
 #
 #   disk_setup     the nbd module, /etc/xen/scripts/block-remus, a guest "domd" (the lab's
