@@ -33,7 +33,7 @@ from remus.stream.records import (
 #: heartbeat written by another thread never waits behind a whole checkpoint.
 CHUNK_BYTES = 1 << 20
 #: A streamed checkpoint's chunks are smaller: the backup starts decoding sooner.
-STREAM_CHUNK_BYTES = 256 << 10
+STREAM_CHUNK_BYTES = 32 << 10
 #: A COMMIT record's framed size (header, seq, count, CRC, capture time).
 _COMMIT_BYTES = len(encode_record(Commit(0, 0, 0, 0)))
 

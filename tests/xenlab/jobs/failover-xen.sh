@@ -17,7 +17,8 @@
 #                      console counter goes on from where the primary's was (every value it
 #                      prints is above the last one printed before the last acknowledged
 #                      checkpoint, so no fresh boot) and keeps advancing.
-#                      Measured: SIGKILL to running (polled with xl list), SIGKILL to the guest's
+#                      Measured: SIGKILL to unpaused (the standby's xl exits right after it
+#                      unpauses the domain; polled every 0.05 s), to running (polled with xl list), to the guest's
 #                      next console line, activate() alone (restore_s)
 #   xl_remus_failover  `xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r'` on the
 #                      failed-over guest, killed the same way after its first checkpoint and 3
@@ -102,6 +103,21 @@ the_counter_log() {
         shift
     done | tail -1
 }
+# exited PID: the process is gone (or a zombie: xl has exited, its parent has not reaped it yet)
+exited() { [ ! -r /proc/$1/stat ] || [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" = Z ]; }
+# wait_exit PID: poll every 0.05 s (no xl call: this is the precise "unpaused" moment, since xl
+# migrate-receive exits right after it unpauses the failed-over domain), at most 120 s
+wait_exit() {
+    _until=$(( $(cut -d. -f1 /proc/uptime) + 120 ))
+    until exited "$1"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
+        sleep 0.05
+    done
+}
+since2() { awk "BEGIN {printf \"%.2f\", $(uptime_s) - $1}"; }
+# the standby's xl migrate-receive -r (the only one running when the primary is killed; anchored,
+# since `xl remus ... domu 'xl migrate-receive -r'` carries the same words in its own command line)
+standby_xl() { pgrep -f '^[^ ]*xl migrate-receive -r' | head -1; }
 # runs_as_new DOMID: domu exists under another id than DOMID and runs (r or b)
 runs_as_new() {
     _id=$(xl domid domu 2>/dev/null)
@@ -214,9 +230,12 @@ echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints commit
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
+XLRECV=$(standby_xl)
 t_kill=$(uptime_s)
 t_kill_wall=$(date +%s.%N)
 kill -KILL $REMUS
+unpaused_s=nan
+[ -n "$XLRECV" ] && wait_exit "$XLRECV" && unpaused_s=$(since2 "$t_kill")
 wait $REMUS 2>/dev/null
 wait_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
@@ -281,11 +300,12 @@ no_domain domu--incoming || ok=1
 [ "$verdict" = ok ] || ok=1
 check failover_xen $ok "receiver exit $rrc; standby domu--incoming $incoming_state during protection;" \
     "activated checkpoint $seq (the last ack remus saw: $acked; $age_s s old; standby: $standby) as domain" \
-    "$domid (was $OLD_DOMID), state $state; SIGKILL to running ${running_s}s, to the guest's next line" \
+    "$domid (was $OLD_DOMID), state $state; SIGKILL to unpaused (xl's exit) ${unpaused_s}s, to running" \
+    "(xl list) ${running_s}s, to the guest's next line" \
     "${printing_s}s (activate() ${restore_s}s: $parts); counter $mark before checkpoint $((n0 + 2)), then" \
     "$(echo $counters | cut -d' ' -f1-4) ... ($verdict); first checkpoint after ${first_s}s;" \
     "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
-REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s
+REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s REMUS_UNPAUSED_S=$unpaused_s
 
 # ---------------------------------------------------------------------------------------------
 section "the peer: xl remus -F -n -i 200 -s '' domu 'xl migrate-receive -r', killed the same way"
@@ -305,8 +325,11 @@ elif [ $runs = 0 ]; then
         kill -STOP $XLREMUS
         xl destroy domu
         marks=$(console_marks)
+        XLRECV=$(standby_xl)
         t_kill=$(uptime_s)
         kill -KILL $XLREMUS
+        xl_unpaused_s=nan
+        [ -n "$XLRECV" ] && wait_exit "$XLRECV" && xl_unpaused_s=$(since2 "$t_kill")
         wait $XLREMUS 2>/dev/null
         wait_fast 120 runs_as_new "$PEER_OLD"
         xl_running_s=$(since "$t_kill")
@@ -316,11 +339,15 @@ elif [ $runs = 0 ]; then
         xl list
         peer_counters=$(new_counters "$marks" | tr '\n' ' ')
         if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
-            ratio=$(python3 -c "print(round($REMUS_RUNNING_S / $xl_running_s, 2), round($REMUS_PRINTING_S / $xl_printing_s, 2))")
+            ratio=$(python3 -c 'import sys
+r, x = map(float, sys.argv[1:4]), map(float, sys.argv[4:7])
+print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUNNING_S" "$REMUS_PRINTING_S" \
+                "$xl_unpaused_s" "$xl_running_s" "$xl_printing_s")
             result xl_remus_failover PASS "xl remus (domu--incoming $incoming_state, $(xl_checkpoints)" \
-                "checkpoints after ${peer_first}s): SIGKILL to running ${xl_running_s}s, to the guest's next" \
-                "line ${xl_printing_s}s (counter then: $(echo $peer_counters | cut -d' ' -f1-3)); remus:" \
-                "${REMUS_RUNNING_S}s and ${REMUS_PRINTING_S}s; ratio remus/xl (running, printing) = $ratio"
+                "checkpoints after ${peer_first}s): SIGKILL to unpaused (xl's exit) ${xl_unpaused_s}s, to running" \
+                "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
+                "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
+                "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio"
         else
             result xl_remus_failover SKIP "xl remus's standby did not run as domu within 120 s of the SIGKILL" \
                 "(see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
