@@ -21,7 +21,6 @@ from remus.stream.compression import DEFAULT_CACHE_PAGES, PageCompressor
 from remus.stream.records import (
     PAGE_SIZE,
     Commit,
-    PageBatch,
     PageData,
     Record,
     Session,
@@ -130,7 +129,7 @@ class CheckpointEncoder:
         commit = encode_record(Commit(checkpoint.seq, count, crc, int(captured * 1000)))
         assert len(commit) == _COMMIT_BYTES
         pending.append(commit)
-        checkpoint.raw_done += len(commit)
+        checkpoint.raw_done = checkpoint.raw_bytes
         checkpoint.wire_bytes += len(commit)
         yield b"".join(pending)
 
@@ -152,19 +151,14 @@ class CheckpointEncoder:
         assert self._compressor is not None
         run = list(run)
         left = sum(_framed_size(r) for r in run)
-        # Batches one at a time (a streamed checkpoint sends each as soon as it is made); the
-        # uncompressed size is attributed by pages, the remainder with the last batch.
-        pages = max(1, sum(len(r.pfns) for r in run))
-        per_page = left // pages
-        batch: Optional[PageBatch] = None
-        for upcoming in self._compressor.compress(run):
-            if batch is not None:
-                share = min(left, per_page * len(batch.pfns))
-                left -= share
-                yield batch, share
-            batch = upcoming
-        if batch is not None:
-            yield batch, left
+        # Each batch as soon as it is made (a streamed checkpoint sends it at once), with its
+        # share of the uncompressed size by pages: only the progress shown reads these shares
+        # (the checkpoint's total is counted before), so what rounding leaves out is not carried.
+        per_page = left // max(1, sum(len(r.pfns) for r in run))
+        for batch in self._compressor.compress(run):
+            share = min(left, per_page * len(batch.pfns))
+            left -= share
+            yield batch, share
 
 
 def _framed_size(record: Record) -> int:
