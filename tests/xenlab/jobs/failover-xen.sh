@@ -231,8 +231,8 @@ kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
 XLRECV=$(standby_xl)
+t_kill_wall=$(date +%s.%N)  # before t_kill: the same gap from t_kill to the kill as for xl remus
 t_kill=$(uptime_s)
-t_kill_wall=$(date +%s.%N)
 kill -KILL $REMUS
 unpaused_s=nan
 [ -n "$XLRECV" ] && wait_exit "$XLRECV" && unpaused_s=$(since2 "$t_kill")
