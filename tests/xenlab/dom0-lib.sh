@@ -25,6 +25,21 @@ uptime_s() { cut -d' ' -f1 /proc/uptime; }
 since() { awk "BEGIN {printf \"%.1f\", $(uptime_s) - $1}"; }
 count_lines() { _n=$(grep -c "$2" "$1" 2>/dev/null); echo "${_n:-0}"; }
 section() { echo; echo "=== $* (dom0 uptime $(uptime_s) s)"; }
+# gone PID: the process we started has ended
+gone() { ! kill -0 "$1" 2>/dev/null; }
+# poll EVERY SECONDS COMMAND...: run COMMAND every EVERY seconds until it holds; false if it never
+# did within SECONDS
+poll() {
+    _every=$1 _until=$(( $(cut -d. -f1 /proc/uptime) + $2 )); shift 2
+    until "$@"; do
+        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
+        sleep "$_every"
+    done
+}
+poll_until() { poll 0.5 "$@"; }  # poll_until SECONDS COMMAND...
+poll_fast() { poll 0.1 "$@"; }   # poll_fast SECONDS COMMAND... (for timings)
+# commits: how many checkpoints the receiver has committed so far (its --events-json is $EVENTS)
+commits() { count_lines "$EVENTS" '"event": "commit"'; }
 
 result() {
     _name=$1 _status=$2; shift 2

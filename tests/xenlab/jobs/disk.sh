@@ -30,15 +30,6 @@ STATS=$OUTD/disk-stats.jsonl
 MORE=${REMUS_LAB_DISK_MORE:-3}
 
 domd_counter() { sed -n 's/.*domd counter \([0-9]*\).*/\1/p' $DOMD_CONSOLE 2>/dev/null | tail -1; }
-commits() { count_lines "$EVENTS" '"event": "commit"'; }
-gone() { ! kill -0 "$1" 2>/dev/null; }
-wait_for() {
-    _until=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
-    until "$@"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
-        sleep 0.5
-    done
-}
 
 build_domd() {
     # The lab's domu initrd, plus dom0's own modules for a block device and ext4 (the guest
@@ -107,7 +98,7 @@ build_domd || ok=1
 rm -rf $REPLICA_ROOT $DOMD_CONSOLE $STANDBY_CONSOLE
 [ $ok = 0 ] && xl create -q $DOMD_CFG || ok=1
 counting() { [ "$(domd_counter)" ] && [ "$(domd_counter)" -ge "$1" ]; }
-if [ $ok = 0 ]; then wait_for 180 counting 20 || ok=1; fi
+if [ $ok = 0 ]; then poll_until 180 counting 20 || ok=1; fi
 DOMD_ID=$(xl domid domd 2>/dev/null)
 # Without its data disk mounted the counter would live in the guest's RAM: nothing to replicate.
 grep -q "domd: cannot mount" $DOMD_CONSOLE && { echo "domd could not mount its data disk"; ok=1; }
@@ -148,11 +139,11 @@ fail_and_stop() {
     exit 1
 }
 reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
-wait_for 900 reach 1
+poll_until 900 reach 1
 [ "$(commits)" -ge 1 ] && ! gone $REMUS || fail_and_stop "no first checkpoint"
 mark=$(domd_counter)
 n0=$(commits)
-wait_for 300 reach $((n0 + MORE))
+poll_until 300 reach $((n0 + MORE))
 [ "$(commits)" -ge $((n0 + MORE)) ] && ! gone $REMUS || fail_and_stop "no $MORE more checkpoints"
 kill -STOP $REMUS
 xl destroy domd
@@ -160,7 +151,7 @@ lines_before=$(grep -c '' $DOMD_CONSOLE)
 standby_before=$(grep -c '' $STANDBY_CONSOLE 2>/dev/null || echo 0)
 t_kill=$(uptime_s)
 kill -KILL $REMUS
-wait_for 900 gone $RECEIVER
+poll_until 900 gone $RECEIVER
 gone $RECEIVER || fail_and_stop "the receiver did not finish"
 wait $RECEIVER; rrc=$?
 cat $OUTD/disk-receiver.log
@@ -169,7 +160,7 @@ new_lines() {
         sed -n 's/.*domd counter \([0-9]*\).*/\1/p'
 }
 has_new() { [ "$(new_lines | grep -c '')" -ge "$1" ]; }
-wait_for 180 has_new 10
+poll_until 180 has_new 10
 after=$(new_lines | head -1)
 failover_s=$(since "$t_kill")
 newid=$(xl domid domd 2>/dev/null)

@@ -57,25 +57,6 @@ if [ -f $LAB_BUILD/bin/remus-keygen ]; then
     python3 $LAB_BUILD/bin/remus-keygen --key-file "$KEY" --force > /dev/null && KEYARGS="--key-file $KEY"
 fi
 
-# commits: how many checkpoints the receiver has committed (and acknowledged) so far
-commits() { count_lines "$EVENTS" '"event": "commit"'; }
-# wait_for SECONDS COMMAND...: poll COMMAND every half second; false if it never held
-wait_for() {
-    _until=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
-    until "$@"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
-        sleep 0.5
-    done
-}
-# wait_fast SECONDS COMMAND...: the same, polled every 0.1 s (for the failover timings)
-wait_fast() {
-    _until=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
-    until "$@"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
-        sleep 0.1
-    done
-}
-gone() { ! kill -0 "$1" 2>/dev/null; }
 # commits_reach N: N checkpoints committed, or no point waiting (remus or the receiver ended)
 commits_reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
 # both_run_with N: N checkpoints committed and both still running
@@ -107,13 +88,7 @@ the_counter_log() {
 exited() { [ ! -r /proc/$1/stat ] || [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" = Z ]; }
 # wait_exit PID: poll every 0.05 s (no xl call: this is the precise "unpaused" moment, since xl
 # migrate-receive exits right after it unpauses the failed-over domain), at most 120 s
-wait_exit() {
-    _until=$(( $(cut -d. -f1 /proc/uptime) + 120 ))
-    until exited "$1"; do
-        [ "$(cut -d. -f1 /proc/uptime)" -lt "$_until" ] || return 1
-        sleep 0.05
-    done
-}
+wait_exit() { poll 0.05 120 exited "$1"; }
 since2() { awk "BEGIN {printf \"%.2f\", $(uptime_s) - $1}"; }
 # the standby's xl migrate-receive -r (the only one running when the primary is killed; anchored,
 # since `xl remus ... domu 'xl migrate-receive -r'` carries the same words in its own command line)
@@ -155,13 +130,13 @@ OLD_DOMID=$(xl domid domu)
 if has_part orderly; then
 section "standby, then an orderly stop: remus-receiver --once, remus -i 200 domu 127.0.0.1, SIGINT"
 start_protection standby_orderly
-wait_for "$FIRST_TIMEOUT" commits_reach 2
+poll_until "$FIRST_TIMEOUT" commits_reach 2
 both_run_with 2 || fail_and_stop standby_orderly "no 2 checkpoints ($(since "$t_start")s after remus started)"
-wait_for 60 xl domid domu--incoming > /dev/null 2>&1
+poll_until 60 xl domid domu--incoming > /dev/null 2>&1
 incoming_state=$(xl_state domu--incoming)
 rss=$(rss_mib $RECEIVER)
 kill -INT $REMUS
-wait_for 120 gone $RECEIVER
+poll_until 120 gone $RECEIVER
 gone $RECEIVER || fail_and_stop standby_orderly "the receiver did not end within 120 s of remus's SIGINT"
 wait $REMUS; remus_rc=$?
 wait $RECEIVER; rrc=$?
@@ -182,17 +157,17 @@ fi
 if has_part receiver-killed; then
 section "standby, then the receiver is SIGKILLed: its guard destroys the standby, no failover"
 start_protection standby_receiver_killed
-wait_for "$FIRST_TIMEOUT" commits_reach 2
+poll_until "$FIRST_TIMEOUT" commits_reach 2
 both_run_with 2 || fail_and_stop standby_receiver_killed "no 2 checkpoints ($(since "$t_start")s after remus started)"
-wait_for 60 xl domid domu--incoming > /dev/null 2>&1
+poll_until 60 xl domid domu--incoming > /dev/null 2>&1
 incoming_state=$(xl_state domu--incoming)
 t_kill=$(uptime_s)
 kill -KILL $RECEIVER
 wait $RECEIVER 2>/dev/null
-wait_for 60 no_domain domu--incoming
+poll_until 60 no_domain domu--incoming
 destroyed_s=$(since "$t_kill")
 # remus notices that its backup is gone (the connection closes) and keeps the guest running
-wait_for 120 gone $REMUS
+poll_until 120 gone $REMUS
 if gone $REMUS; then wait $REMUS; remus_rc=$?; else kill -INT $REMUS; wait $REMUS; remus_rc="still running (stopped by SIGINT, exit $?)"; fi
 tail -2 $OUTD/standby_receiver_killed-remus.log
 sleep 3  # a failover, had one started, would have made a second domu by now
@@ -211,7 +186,7 @@ fi
 has_part failover || exit $FAILS
 section "failover to the standby: the primary dies after its first checkpoint and $MORE more"
 start_protection failover_xen
-wait_for "$FIRST_TIMEOUT" commits_reach 1
+poll_until "$FIRST_TIMEOUT" commits_reach 1
 both_run_with 1 || fail_and_stop failover_xen "no first checkpoint ($(since "$t_start")s after remus started)"
 first_s=$(since "$t_start")
 echo "first checkpoint committed after ${first_s}s"
@@ -219,7 +194,7 @@ echo "first checkpoint committed after ${first_s}s"
 # checkpoint n0 + 2 is suspended only after n0 + 1 was acknowledged, which is after n0 is read.
 mark=$(domu_counter)
 n0=$(commits)
-wait_for 300 commits_reach $((n0 + MORE))
+poll_until 300 commits_reach $((n0 + MORE))
 both_run_with $((n0 + MORE)) || fail_and_stop failover_xen "no $MORE more checkpoints after the first"
 incoming_state=$(xl_state domu--incoming)
 incoming_mem=$(xl list domu--incoming 2>/dev/null | awk 'NR == 2 {print $3}')
@@ -237,7 +212,7 @@ kill -KILL $REMUS
 unpaused_s=nan
 [ -n "$XLRECV" ] && wait_exit "$XLRECV" && unpaused_s=$(since2 "$t_kill")
 wait $REMUS 2>/dev/null
-wait_fast 120 runs_as_new "$OLD_DOMID"
+poll_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
 acked=$(python3 -c 'import json, sys
 seqs = []
@@ -250,9 +225,9 @@ for line in open(sys.argv[1]):
         seqs.append(event["seq"])
 print(max(seqs, default=0))' "$STATS")
 
-wait_fast 120 has_new_counters "$marks" 1
+poll_fast 120 has_new_counters "$marks" 1
 printing_s=$(since "$t_kill")
-wait_for "$RESTORE_TIMEOUT" gone $RECEIVER
+poll_until "$RESTORE_TIMEOUT" gone $RECEIVER
 gone $RECEIVER || fail_and_stop failover_xen "the receiver did not finish within ${RESTORE_TIMEOUT}s of the SIGKILL"
 wait $RECEIVER
 rrc=$?
@@ -274,7 +249,7 @@ EOF
 said=$(grep -c "activated xen:domu from checkpoint $seq (.* old); it runs as domain $domid" \
        $OUTD/failover_xen-receiver.log)
 
-wait_for 60 has_new_counters "$marks" 3
+poll_until 60 has_new_counters "$marks" 3
 guest_runs; runs=$?
 state=$(domu_state)
 counters=$(new_counters "$marks" | tr '\n' ' ')
@@ -318,7 +293,7 @@ elif [ $runs = 0 ]; then
     t_start=$(uptime_s)
     xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
     xl_reach() { [ "$(xl_checkpoints)" -ge "$1" ] || gone $XLREMUS; }
-    wait_for "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
+    poll_until "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
     peer_first=$(since "$t_start")
     incoming_state=$(xl_state domu--incoming)
     if [ "$(xl_checkpoints)" -ge $((1 + MORE)) ] && ! gone $XLREMUS; then
@@ -331,11 +306,11 @@ elif [ $runs = 0 ]; then
         xl_unpaused_s=nan
         [ -n "$XLRECV" ] && wait_exit "$XLRECV" && xl_unpaused_s=$(since2 "$t_kill")
         wait $XLREMUS 2>/dev/null
-        wait_fast 120 runs_as_new "$PEER_OLD"
+        poll_fast 120 runs_as_new "$PEER_OLD"
         xl_running_s=$(since "$t_kill")
-        wait_fast 120 has_new_counters "$marks" 1
+        poll_fast 120 has_new_counters "$marks" 1
         xl_printing_s=$(since "$t_kill")
-        wait_for 30 has_new_counters "$marks" 3
+        poll_until 30 has_new_counters "$marks" 3
         xl list
         peer_counters=$(new_counters "$marks" | tr '\n' ' ')
         if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
