@@ -34,14 +34,13 @@ Additional options (not in the xm-era remus):
 
 from __future__ import annotations
 
-import re
 import sys
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from docopt import docopt
 
 from remus import __version__
+from remus.cli_common import Opt, match_long, options_table
 from remus.errors import UsageError
 from remus.settings import (
     DEFAULT_ACK_TIMEOUT_MS,
@@ -82,50 +81,10 @@ class MissingDomain(UsageError):
 # --------------------------------------------------------------------------- options table
 
 
-@dataclass(frozen=True)
-class _Opt:
-    short: Optional[str]
-    long: Optional[str]
-    takes_value: bool
-
-
-def _options_table(doc: str) -> list[_Opt]:
-    """Options as the help text declares them (the same lines docopt reads)."""
-    table = []
-    for line in doc.splitlines():
-        m = re.match(r"\s+(-.*?)(?:\s{2,}|$)", line)
-        if not m:
-            continue
-        short = long = None
-        takes_value = False
-        for part in re.split(r",\s*|\s+", m.group(1)):
-            name, eq, _value = part.partition("=")
-            if name.startswith("--"):
-                long = name
-                takes_value = takes_value or bool(eq)
-            elif name.startswith("-"):
-                short = name
-            else:
-                takes_value = True  # "-i MS"
-        table.append(_Opt(short, long, takes_value))
-    return table
-
-
-_TABLE = _options_table(HELP)
-_LONG = {o.long: o for o in _TABLE if o.long}
+# The options HELP declares, read as docopt reads them (``remus.cli_common``); the scan below
+# walks them as optparse did.
+_TABLE = options_table(HELP)
 _SHORT = {o.short: o for o in _TABLE if o.short}
-
-
-def _match_long(name: str) -> _Opt:
-    """Resolve a long option the way optparse does: exact, else a unique prefix."""
-    if name in _LONG:
-        return _LONG[name]
-    candidates = sorted(n for n in _LONG if n.startswith(name))
-    if len(candidates) == 1:
-        return _LONG[candidates[0]]
-    if not candidates:
-        raise UsageError(f"no such option: {name}")
-    raise UsageError(f"ambiguous option: {name} ({', '.join(candidates)}?)")
 
 
 def _parse_optparse_int(option: str, value: str) -> int:
@@ -161,7 +120,7 @@ def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
             return None
         if arg.startswith("--"):
             name, eq, value = arg.partition("=")
-            opt = _match_long(name)
+            opt = match_long(_TABLE, name)
             assert opt.long is not None
             if opt.long in ("--help", "--version"):
                 if eq:
@@ -196,7 +155,7 @@ def _scan(argv: Sequence[str]) -> Optional[tuple[str, int]]:
     return None
 
 
-def _check_value(opt: _Opt, spelled: str, value: str) -> None:
+def _check_value(opt: Opt, spelled: str, value: str) -> None:
     if opt.long in ("--interval", "--port", "--ack-timeout", "--fence-timeout"):
         _parse_optparse_int(spelled, value)
 

@@ -66,13 +66,15 @@ class StopRequested(BaseException):
 
 
 @dataclass(frozen=True)
-class _Opt:
+class Opt:
+    """One option of a usage text: its short and long spellings, and whether it takes a value."""
+
     short: Optional[str]
     long: Optional[str]
     takes_value: bool
 
 
-def options_table(doc: str) -> list[_Opt]:
+def options_table(doc: str) -> list[Opt]:
     """The options the usage text declares, one per indented line starting with ``-``."""
     table = []
     for line in doc.splitlines():
@@ -90,11 +92,12 @@ def options_table(doc: str) -> list[_Opt]:
                 short = name
             elif part:
                 takes_value = True  # "-i MS"
-        table.append(_Opt(short, long, takes_value))
+        table.append(Opt(short, long, takes_value))
     return table
 
 
-def _match_long(table: Sequence[_Opt], name: str) -> _Opt:
+def match_long(table: Sequence[Opt], name: str) -> Opt:
+    """Resolve a long option the way optparse does: exact, else a unique prefix.  Raises ``UsageError``."""
     longs = {o.long: o for o in table if o.long}
     if name in longs:
         return longs[name]
@@ -106,7 +109,7 @@ def _match_long(table: Sequence[_Opt], name: str) -> _Opt:
     raise UsageError(f"ambiguous option: {name} ({', '.join(candidates)}?)")
 
 
-def _scan(table: Sequence[_Opt], argv: Sequence[str]) -> Optional[str]:
+def _scan(table: Sequence[Opt], argv: Sequence[str]) -> Optional[str]:
     """Check every option in ``argv``; return ``"help"``/``"version"`` if one was asked for.
 
     Raises:
@@ -125,7 +128,7 @@ def _scan(table: Sequence[_Opt], argv: Sequence[str]) -> Optional[str]:
             asked = asked or "version"
         elif arg.startswith("--"):
             name, eq, _value = arg.partition("=")
-            opt = _match_long(table, name)
+            opt = match_long(table, name)
             if opt.long in ("--help", "--version"):
                 if eq:
                     raise UsageError(f"{opt.long} option does not take a value")

@@ -19,6 +19,7 @@ import pytest
 
 from remus import cli
 from remus.cli import HELP, OLD_HELP, MissingDomain, Settings, ShowText, parse
+from remus.cli_common import match_long
 from remus.errors import UsageError
 
 
@@ -172,7 +173,7 @@ def test_old_prefixes_keep_their_meaning() -> None:
                 old_matches = [prefix]
             if len(old_matches) != 1:
                 continue
-            assert cli._match_long(prefix).long == old_matches[0], prefix
+            assert match_long(cli._TABLE, prefix).long == old_matches[0], prefix
 
 
 # --------------------------------------------------------------------------- exact behaviour

@@ -15,7 +15,6 @@ Options:
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -23,6 +22,7 @@ from typing import Mapping, Optional, Sequence
 from docopt import docopt
 
 from remus import __version__
+from remus.cli_common import match_long, options_table
 from remus.errors import KeyFileError, UsageError
 from remus.link.keys import DEFAULT_KEY_FILE, NEW_KEY_BYTES, write_key_file
 
@@ -45,39 +45,7 @@ class ShowText(Exception):
         self.text = text
 
 
-@dataclass(frozen=True)
-class _Opt:
-    short: Optional[str]
-    long: str
-    takes_value: bool
-
-
-def _options(doc: str) -> list[_Opt]:
-    """The options the help's "Options:" lines declare (what docopt reads too)."""
-    table = []
-    for line in doc[doc.index("Options:") :].splitlines():
-        m = re.match(r"\s+(-\S*?)(?:,\s*(--\S+))?(?:\s{2,}|$)", line)
-        if not m:
-            continue
-        first, second = m.group(1), m.group(2)
-        short, long = (first, second) if second else (None, first)
-        name, eq, _value = long.partition("=")
-        table.append(_Opt(short, name, bool(eq)))
-    return table
-
-
-_TABLE = _options(HELP)
-
-
-def _long(name: str) -> _Opt:
-    """Resolve ``--name`` exactly or by a unique prefix, as docopt does."""
-    exact = [o for o in _TABLE if o.long == name]
-    found = exact or [o for o in _TABLE if o.long.startswith(name)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise UsageError(f"no such option: {name}")
-    raise UsageError(f"ambiguous option: {name} ({', '.join(o.long for o in found)}?)")
+_TABLE = options_table(HELP)
 
 
 def _scan(argv: Sequence[str]) -> Optional[str]:
@@ -94,7 +62,7 @@ def _scan(argv: Sequence[str]) -> Optional[str]:
         arg = args.pop(0)
         if arg.startswith("--") and arg != "--":
             name, eq, value = arg.partition("=")
-            opt = _long(name)
+            opt = match_long(_TABLE, name)
             if opt.takes_value and not eq:
                 if not args:
                     raise UsageError(f"option {opt.long} requires a value")
