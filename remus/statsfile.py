@@ -19,24 +19,14 @@ from typing import IO, Any, Optional, Sequence
 
 from remus.errors import StatsFileError
 from remus.report import human_bytes
+from remus.stats import CheckpointStats
 
 __all__ = ["Checkpoint", "FileSummary", "StatsFileError", "Percentiles", "read_checkpoints",
            "summarise", "summary_text"]
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """The fields of one checkpoint line that the viewer uses."""
-
-    seq: int
-    pause_ms: float
-    dirty_pages: int
-    raw_bytes: int
-    wire_bytes: int
-    ack_ms: float
-    period_ms: Optional[float]
-    overruns: int
-    suspended_unix: float
+#: A checkpoint line as the viewer reads it: the engine's own record of it.
+Checkpoint = CheckpointStats
 
 
 @dataclass(frozen=True)
@@ -115,6 +105,8 @@ def _checkpoint(obj: dict[str, Any], name: str, number: int) -> Checkpoint:
             period_ms=None if period is None else float(period),
             overruns=int(obj.get("overruns", 0)),
             suspended_unix=float(obj.get("suspended_unix", 0.0)),
+            buffered_unix=float(obj.get("buffered_unix", 0.0)),
+            acked_unix=float(obj.get("acked_unix", 0.0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StatsFileError(f"{name}:{number}: a checkpoint line without a valid {exc} field") from None
