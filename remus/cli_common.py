@@ -224,13 +224,18 @@ def opt_size(args: Args, option: str, default: str, low: int, high: int) -> str:
     """
     raw = _raw(args, option, default)
     assert raw is not None
-    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", raw.strip(), re.IGNORECASE)
-    if not m:
-        raise UsageError(f"option {option}: not a size such as 64M or 2G: {raw!r}")
-    size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    size = size_bytes(option, raw)
     if not low <= size <= high:
         raise UsageError(f"option {option}: {raw} is not between {_human(low)} and {_human(high)}")
     return raw
+
+
+def size_bytes(option: str, raw: str) -> int:
+    """A size as typed (``64M``, ``2GiB``, ``4096``) in bytes.  Raises ``UsageError`` naming ``option``."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", raw.strip(), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"option {option}: not a size such as 64M or 2G: {raw!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
 def _human(n: int) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from remus import __version__
-from remus.cli_common import Args, ShowText, opt_float, opt_int, opt_size, parse, run_command
+from remus.cli_common import Args, ShowText, opt_float, opt_int, opt_size, parse, run_command, size_bytes
 from remus.errors import RemusError, UsageError
 
 DOC = """Usage: tool [options] FILE
@@ -129,3 +129,16 @@ def test_sigint_and_sigterm_are_a_requested_stop(capsys: pytest.CaptureFixture[s
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
+
+
+@pytest.mark.parametrize("typed, expected", [("512M", 512 << 20), ("2G", 2 << 30), ("2GiB", 2 << 30),
+                                              ("4096K", 4 << 20), ("1t", 1 << 40)])
+def test_remus_receiver_max_memory_is_read_in_bytes(typed: str, expected: int) -> None:
+    from remus.backup.cli import parse as parse_receiver
+
+    assert parse_receiver(["--max-memory", typed])["max_memory"] == expected
+
+
+def test_a_size_that_is_not_one_names_the_option() -> None:
+    with pytest.raises(UsageError, match=r"option --memory: not a size such as 64M or 2G: '12Q'"):
+        size_bytes("--memory", "12Q")

@@ -58,7 +58,7 @@ from typing import IO, Any, Optional, Sequence
 
 from remus import cli_common
 from remus.backup.control import DEFAULT_CONTROL_SOCKET
-from remus.cli_common import Args, opt_int, opt_size
+from remus.cli_common import Args, opt_int, opt_size, size_bytes
 from remus.clock import StopFlag
 from remus.errors import RemusError, UsageError
 
@@ -70,10 +70,7 @@ def _size(args: Args, option: str) -> Optional[int]:
     """``--max-memory``'s value in bytes (None when absent)."""
     if args.get(option) is None:
         return None
-    text = opt_size(args, option, "1M", 1 << 20, 1 << 50)
-    m = re.fullmatch(r"(\d+)([KMGT]?)", text.strip().upper().rstrip("B").rstrip("I"))
-    assert m is not None  # opt_size checked it
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+    return size_bytes(option, opt_size(args, option, "1M", 1 << 20, 1 << 50))
 
 
 def parse(argv: Sequence[str]) -> dict[str, Any]:
