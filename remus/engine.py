@@ -11,6 +11,7 @@ Theory of operation.  Each checkpoint runs these steps, in this order::
     channel.send()              the checkpoint, framed (and compressed), goes out
     channel.wait_for_ack()      the backup holds it
     devices.commit()            the epoch the checkpoint closed is released
+    release_memory()            only after a large one (the first): see remus.heap
     wait                        until the pacer says the next checkpoint is due
 
 A stop request (``StopFlag``, set by SIGINT/SIGTERM in the front end) is
@@ -46,6 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from remus import heap
 from remus.channel import CLOSE_TIMEOUT_S, GIVE_UP_CLOSE_TIMEOUT_S, Channel
 from remus.clock import Clock, GridPacer, IntervalPacer, MonotonicClock, StopFlag
 from remus.devices import CheckpointDevice, DeviceSet
@@ -83,10 +85,13 @@ class Engine:
         stop: Optional[StopFlag] = None,
         on_checkpoint: Optional[Callable[[CheckpointStats], None]] = None,
         fence: Optional[Callable[[str], None]] = None,
+        release_memory: Callable[[], object] = heap.trim,
     ) -> None:
         """``fence(reason)`` is called when the backup did not confirm the end of the
         session, before anything is released; it raises ``HoldStill`` unless the backup
-        is fenced (``remus --fence``).  Without it the output is released at once."""
+        is fenced (``remus --fence``).  Without it the output is released at once.
+        ``release_memory()`` runs after a checkpoint large enough to leave much freed
+        memory behind (``remus.heap.worth_trimming``), once its buffers are dropped."""
         if interval_ms <= 0:
             raise ValueError("interval_ms must be positive")
         self.domain = domain
@@ -100,6 +105,7 @@ class Engine:
         self.session = dict(session or {})
         self._on_checkpoint = on_checkpoint
         self._fence = fence
+        self._release_memory = release_memory
         self._ended = False
         self.holding = False
         #: After the run: did the backup confirm the CLOSE (None: no CLOSE was sent)?
@@ -246,6 +252,9 @@ class Engine:
         self._summary.add(stats)
         if self._on_checkpoint is not None:
             self._on_checkpoint(stats)
+        del capture, extra, encoded  # the checkpoint's pages: freed before the memory is released
+        if heap.worth_trimming(stats.raw_bytes):
+            self._release_memory()
         return next_start
 
     # -- every exit path -------------------------------------------------------------

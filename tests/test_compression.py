@@ -119,9 +119,10 @@ def test_lru_cache_is_lru_and_bounded() -> None:
     assert 2 in cache and 3 in cache and 1 not in cache
 
 
-def test_full_cache_admits_a_page_only_when_it_is_sent_again() -> None:
+@paths
+def test_full_cache_admits_a_page_only_when_it_is_sent_again(vectorised: bool) -> None:
     pages = [page_of(i, []) for i in range(1, 8)]
-    cache = PageCache(2)
+    cache = PageCache(2, vectorised=vectorised)
     for pfn in (1, 2, 3, 4):  # a first checkpoint: the cache fills, then takes nothing new
         assert cache.swap(pfn, pages[pfn]) is None
     assert 1 in cache and 2 in cache and 3 not in cache and 4 not in cache
@@ -129,6 +130,31 @@ def test_full_cache_admits_a_page_only_when_it_is_sent_again() -> None:
     assert cache.swap(3, pages[6]) is None      # sent again: admitted, evicts 2 (least recent)
     assert 3 in cache and 2 not in cache and 1 in cache
     assert cache.swap(3, pages[0]) == pages[6]
+
+
+def test_the_cache_costs_memory_only_for_the_pages_in_it() -> None:
+    """The slab is backed by memory only where pages were written into it."""
+    compressor = PageCompressor(cache_pages=4096)
+    assert _resident_bytes(compressor.cache.slab) == 0
+    n = 100
+    list(compressor.compress([PageData(tuple(range(n)), tuple(page_of(i % 7, []) for i in range(n)))]))
+    assert len(compressor.cache) == n
+    assert _resident_bytes(compressor.cache.slab) == n * PAGE_SIZE
+
+
+def _resident_bytes(slab: object) -> int:
+    """How much of an anonymous mapping is backed by memory (mincore(2))."""
+    import ctypes
+    import mmap
+
+    assert isinstance(slab, mmap.mmap)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = len(slab)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(slab))
+    vector = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vector.raw) * mmap.PAGESIZE
 
 
 def test_zero_sized_cache_sends_every_page_whole() -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import pytest
 
+from remus import heap
 from remus.clock import FakeClock, StopFlag
 from remus.engine import Engine
 from remus.channel import Silence
 from remus.errors import BackupLost, CheckpointError, DomainError, HoldStill, Interrupted
+from remus.domain import Capture
 from remus.stats import CheckpointStats
+from remus.stream.records import PAGE_SIZE, Checkpoint, PageData
+from remus.stream.sender import FramedCheckpoint
 from tests.helpers import CallLog, FakeChannel, FakeDevice, FakeDomain, Fault, stop_after
 
 PER_CHECKPOINT = [
@@ -315,3 +320,43 @@ def test_unconfirmed_orderly_stop_without_fence_releases_and_says_so() -> None:
     engine.run()
     assert engine.close_confirmed is False
     assert all(d.released == 1 for d in devices)
+
+
+class _LargeFirstCapture(FakeDomain):
+    """The first capture carries ``heap.TRIM_AFTER_BYTES`` of pages, like a whole guest."""
+
+    def __init__(self, log: CallLog, clock: FakeClock) -> None:
+        super().__init__(log, clock)
+        self.captures: list[weakref.ref[Capture]] = []
+
+    def capture(self) -> Capture:
+        if self.seq != 1:
+            return super().capture()
+        self._call("capture")
+        n = heap.TRIM_AFTER_BYTES // PAGE_SIZE
+        captured = Capture([PageData(tuple(range(n)), tuple(bytes(PAGE_SIZE) for _ in range(n))), Checkpoint()], n)
+        self.captures.append(weakref.ref(captured))
+        return captured
+
+
+def test_memory_is_released_after_a_large_checkpoint_once_its_pages_are_dropped() -> None:
+    log, clock, stop = CallLog(), FakeClock(), StopFlag()
+    domain = _LargeFirstCapture(log, clock)
+
+    class Channel(FakeChannel):
+        def send(self, checkpoint: FramedCheckpoint) -> None:
+            self._call("send", checkpoint.seq)
+            for _chunk in checkpoint.chunks:  # sent, not kept
+                pass
+
+    def release() -> None:
+        log.append("release_memory")
+        assert all(ref() is None for ref in domain.captures), "the checkpoint's pages are still held"
+
+    engine = Engine(domain, Channel(log, clock), interval_ms=100, clock=clock, stop=stop,
+                    on_checkpoint=stop_after(stop, 3), release_memory=release)
+    engine.run()
+    assert log.count("release_memory") == 1  # after the first checkpoint only: later ones are small
+    at = log.index("release_memory")
+    assert log[at - 2 : at] == ["channel.ack", "channel.contact"] and log[at + 1] == "domain.suspend"
+    assert domain.captures

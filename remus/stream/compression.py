@@ -34,6 +34,7 @@ Never compresses libxc's other records, and never sees a socket.
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -104,8 +105,9 @@ class PageCache:
         self.capacity = capacity
         self.policy = policy
         self.vectorised = vectorised
-        # calloc'ed: the system backs a slot only once a page is written into it.
-        self.slab = bytearray(capacity * PAGE_SIZE)
+        # Anonymous memory, mapped zero-filled: a slot costs memory only once a page is
+        # written into it (``bytearray(n)`` would write, and so back, all of it at once).
+        self.slab: "mmap.mmap | bytearray" = mmap.mmap(-1, capacity * PAGE_SIZE) if capacity else bytearray()
         self._next_free = 0
         self.hits = 0
         self.misses = 0

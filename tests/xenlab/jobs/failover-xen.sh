@@ -19,7 +19,9 @@
 #                      checkpoint, so no fresh boot) and keeps advancing.
 #                      Measured: SIGKILL to unpaused (the standby's xl exits right after it
 #                      unpauses the domain; polled every 0.05 s), to running (polled with xl list), to the guest's
-#                      next console line, activate() alone (restore_s)
+#                      next console line, activate() alone (restore_s); the primary's RSS before
+#                      the kill and how long the killed primary took to exit (its memory is torn
+#                      down before its sockets close, so that delays the loss seen)
 #   xl_remus_failover  `xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r'` on the
 #                      failed-over guest, killed the same way after its first checkpoint and 3
 #                      more; measured the same; the ratio remus/xl (a measurement, not an assertion)
@@ -199,19 +201,26 @@ both_run_with $((n0 + MORE)) || fail_and_stop failover_xen "no $MORE more checkp
 incoming_state=$(xl_state domu--incoming)
 incoming_mem=$(xl list domu--incoming 2>/dev/null | awk 'NR == 2 {print $3}')
 rss=$(rss_mib $RECEIVER) hwm=$(hwm_mib $RECEIVER)
+primary_rss=$(rss_mib $REMUS) primary_hwm=$(hwm_mib $REMUS)
 guest_mib=$(xl list domu | awk 'NR == 2 {print $3}')
 echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
-     "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
+     "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest;" \
+     "primary RSS ${primary_rss} MiB (peak ${primary_hwm})"
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
 XLRECV=$(standby_xl)
 t_kill_wall=$(date +%s.%N)  # before t_kill: the same gap from t_kill to the kill as for xl remus
 t_kill=$(uptime_s)
+# How long the killed primary takes to exit (its memory is torn down before its sockets close).
+( wait_exit $REMUS && since2 "$t_kill" > $OUTD/primary-exit-s ) &
+EXITWATCH=$!
 kill -KILL $REMUS
 unpaused_s=nan
 [ -n "$XLRECV" ] && wait_exit "$XLRECV" && unpaused_s=$(since2 "$t_kill")
+wait $EXITWATCH 2>/dev/null
 wait $REMUS 2>/dev/null
+primary_exit_s=$(cat $OUTD/primary-exit-s 2>/dev/null || echo nan)
 poll_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
 acked=$(python3 -c 'import json, sys
@@ -279,8 +288,10 @@ check failover_xen $ok "receiver exit $rrc; standby domu--incoming $incoming_sta
     "(xl list) ${running_s}s, to the guest's next line" \
     "${printing_s}s (activate() ${restore_s}s: $parts); counter $mark before checkpoint $((n0 + 2)), then" \
     "$(echo $counters | cut -d' ' -f1-4) ... ($verdict); first checkpoint after ${first_s}s;" \
-    "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest"
+    "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest; primary RSS ${primary_rss} MiB" \
+    "(peak ${primary_hwm}), exited ${primary_exit_s}s after the SIGKILL"
 REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s REMUS_UNPAUSED_S=$unpaused_s
+REMUS_PRIMARY_EXIT_S=$primary_exit_s
 
 # ---------------------------------------------------------------------------------------------
 section "the peer: xl remus -F -n -i 200 -s '' domu 'xl migrate-receive -r', killed the same way"
@@ -302,10 +313,14 @@ elif [ $runs = 0 ]; then
         marks=$(console_marks)
         XLRECV=$(standby_xl)
         t_kill=$(uptime_s)
+        ( wait_exit $XLREMUS && since2 "$t_kill" > $OUTD/xl-primary-exit-s ) &
+        EXITWATCH=$!
         kill -KILL $XLREMUS
         xl_unpaused_s=nan
         [ -n "$XLRECV" ] && wait_exit "$XLRECV" && xl_unpaused_s=$(since2 "$t_kill")
+        wait $EXITWATCH 2>/dev/null
         wait $XLREMUS 2>/dev/null
+        xl_primary_exit_s=$(cat $OUTD/xl-primary-exit-s 2>/dev/null || echo nan)
         poll_fast 120 runs_as_new "$PEER_OLD"
         xl_running_s=$(since "$t_kill")
         poll_fast 120 has_new_counters "$marks" 1
@@ -322,7 +337,8 @@ print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUN
                 "checkpoints after ${peer_first}s): SIGKILL to unpaused (xl's exit) ${xl_unpaused_s}s, to running" \
                 "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
                 "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
-                "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio"
+                "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
+                "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s)"
         else
             result xl_remus_failover SKIP "xl remus's standby did not run as domu within 120 s of the SIGKILL" \
                 "(see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
