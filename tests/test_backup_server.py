@@ -52,6 +52,14 @@ def replicate(backup: ReceiverThread, checkpoints: int = 2, seed: int = 1) -> No
         until(lambda: len(events_named(backup, "closed")) > before, "the orderly close")
 
 
+def send_until_refused(sock: socket.socket, data: bytes) -> None:
+    """Send ``data``, or as much of it as the receiver takes before it refuses and closes."""
+    try:
+        sock.sendall(data)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+
+
 def _close_record() -> bytes:
     from remus.stream.records import Close, CloseReason
 
@@ -108,7 +116,7 @@ class Recorder:
 def test_a_client_of_the_old_unauthenticated_protocol_gets_nothing() -> None:
     backup = ReceiverThread(once=False)
     with socket.create_connection(("127.0.0.1", backup.port)) as sock:
-        sock.sendall(bytes(make_primary(3).stream))
+        send_until_refused(sock, bytes(make_primary(3).stream))
         until(lambda: events_named(backup, "rejected"), "the rejection")
     assert "old unauthenticated remus protocol" in events_named(backup, "rejected")[0]["reason"]
     replicate(backup)  # a real primary right afterwards
@@ -142,7 +150,7 @@ def test_a_replayed_recording_of_a_real_session_gets_nothing(how: str) -> None:
     elif how == "flipped":
         recording = recording[:300] + bytes([recording[300] ^ 1]) + recording[301:]
     with socket.create_connection(("127.0.0.1", backup.port)) as sock:
-        sock.sendall(recording)
+        send_until_refused(sock, recording)
         until(lambda: events_named(backup, "rejected"), "the replay's rejection")
     assert len(events_named(backup, "commit")) == commits  # the replay committed nothing
     assert len(events_named(backup, "session")) == 1
@@ -405,3 +413,18 @@ def test_a_slow_hosts_allow_lookup_still_lets_the_refusal_reach_the_primary(monk
     with pytest.raises(TransportError, match="not allowed by --hosts-allow"):
         TcpChannel("127.0.0.1", backup.port, key=LINK_KEY).open(make_primary(0).opening)
     backup.finish()
+
+
+def test_the_receiver_gives_its_heap_back_after_a_large_checkpoint_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from remus import heap
+    from remus.stream.records import PAGE_SIZE
+
+    trims: list[int] = []
+    backup = ReceiverThread(once=False)
+    monkeypatch.setattr(heap, "TRIM_AFTER_BYTES", 100 * PAGE_SIZE)  # the first checkpoint: 256 pages
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(len(events_named(backup, "commit"))) or True)
+    replicate(backup, checkpoints=4)
+    # Once, after committing the first checkpoint (all of memory; the bytes that carried it may
+    # have carried later ones too), never for the small ones after it.
+    assert len(trims) == 1 and trims[0] >= 1
+    assert backup.finish() == 0

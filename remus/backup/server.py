@@ -54,6 +54,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from remus import heap
 from remus.backup.activation import HotStarter, XenRestorer, default_max_memory, open_standby
 from remus.backup.control import ControlSocket
 from remus.backup.listening import (
@@ -81,7 +82,7 @@ from remus.link.blocking import SealedLink
 from remus.link.handshake import Responder
 from remus.settings import DEFAULT_ACK_TIMEOUT_MS, TAKEOVER_MARGIN_MS
 from remus.stream.codec import encode_record
-from remus.stream.records import Accept, Ack, Close, CloseReason, StreamHeader
+from remus.stream.records import PAGE_SIZE, Accept, Ack, Close, CloseReason, StreamHeader
 from remus.transport import display_address, tune
 
 log = logging.getLogger(__name__)
@@ -424,6 +425,8 @@ class Receiver:
         for output in outputs:
             if not self._on_output(live, output):
                 return False
+        if any(isinstance(o, Committed) and heap.worth_trimming(len(o.changed_pfns) * PAGE_SIZE) for o in outputs):
+            heap.trim()  # after its ACK: a large checkpoint's staging is freed, give the heap back
         if self.on_progress is not None:
             self.on_progress(live.session)
         return True

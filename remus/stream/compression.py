@@ -105,9 +105,10 @@ class PageCache:
         self.capacity = capacity
         self.policy = policy
         self.vectorised = vectorised
-        # Anonymous memory, mapped zero-filled: a slot costs memory only once a page is
-        # written into it (``bytearray(n)`` would write, and so back, all of it at once).
-        self.slab: "mmap.mmap | bytearray" = mmap.mmap(-1, capacity * PAGE_SIZE) if capacity else bytearray()
+        # Private anonymous memory, mapped zero-filled: a slot costs memory only once a page
+        # is written into it (``bytearray(n)`` would write, and so back, all of it at once).
+        self.slab: "mmap.mmap | bytearray" = (
+            mmap.mmap(-1, capacity * PAGE_SIZE, flags=mmap.MAP_PRIVATE) if capacity else bytearray())
         self._next_free = 0
         self.hits = 0
         self.misses = 0
