@@ -30,6 +30,7 @@ from remus.xen.saver import XGS_POLICY_ABORT, XGS_POLICY_CONTINUE_PRECOPY, Check
 from remus.xen.store import DomainRef
 
 GUEST_PAGES = 64
+LIBXC_BATCH_PAGES = 1024
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -52,7 +53,10 @@ class FakeLibxc:
     """
 
     def __init__(self, dirty_per_checkpoint: int = 3, fail: Optional[str] = None,
-                 precopy_forever: bool = False, garbage: bool = False) -> None:
+                 precopy_forever: bool = False, garbage: bool = False, guest_pages: int = GUEST_PAGES,
+                 content: Callable[[list[int]], PageData] = pages) -> None:
+        self.guest_pages = guest_pages
+        self.content = content
         self.dirty = dirty_per_checkpoint
         self.fail = fail
         self.precopy_forever = precopy_forever
@@ -72,11 +76,14 @@ class FakeLibxc:
         write_all(fd, encode_record(XenRecord(XenRecType.STATIC_DATA_END, b"")))
         iteration = 0
         while True:  # live precopy
-            decision = cb.on_precopy_policy(iteration, iteration * GUEST_PAGES, -1 if iteration else GUEST_PAGES)
+            decision = cb.on_precopy_policy(iteration, iteration * self.guest_pages,
+                                            -1 if iteration else self.guest_pages)
             self.calls.append(("precopy_policy", decision))
             if decision == XGS_POLICY_ABORT:
                 raise XenError("xc_domain_save", -1, errno.EINTR, "precopy aborted")
-            write_all(fd, encode_record(pages(list(range(GUEST_PAGES)) if iteration == 0 else [1, 2])))
+            sent = list(range(self.guest_pages)) if iteration == 0 else [1, 2]
+            for start in range(0, len(sent), LIBXC_BATCH_PAGES):  # libxc's records: 1024 pages at most
+                write_all(fd, encode_record(self.content(sent[start : start + LIBXC_BATCH_PAGES])))
             if decision != XGS_POLICY_CONTINUE_PRECOPY and not self.precopy_forever:
                 break
             iteration += 1
@@ -88,7 +95,7 @@ class FakeLibxc:
                 raise XenError("xc_domain_save", -1, 0, "save callback suspend() failed")
             if self.fail == "copy":
                 raise XenError("xc_domain_save", -1, errno.EIO, "writing the page data failed")
-            write_all(fd, encode_record(pages(list(range(10, 10 + self.dirty)))))
+            write_all(fd, encode_record(self.content(list(range(10, 10 + self.dirty)))))
             write_all(fd, encode_record(XenRecord(XenRecType.SHARED_INFO, b"\x00" * PAGE_SIZE)))
             write_all(fd, encode_record(Checkpoint()))
             self.checkpoints += 1

@@ -175,9 +175,13 @@ class GuestMemory:
                                    offset=self.mem_offset).reshape(self.pages, PAGE_SIZE)
             target = np.frombuffer(out, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
             index = np.array(pfns, dtype=np.intp)
+            if int(index.min()) < 0 or int(index.max()) >= self.pages:
+                raise IndexError(f"page number out of range 0..{self.pages - 1}")
             for start in range(0, len(pfns), SNAPSHOT_CHUNK_PAGES):
                 end = min(start + SNAPSHOT_CHUNK_PAGES, len(pfns))
-                np.take(memory, index[start:end], axis=0, out=target[start:end])
+                # mode="clip" (the range is checked above): with out= and the default mode,
+                # numpy gathers through a temporary, three times slower.
+                np.take(memory, index[start:end], axis=0, out=target[start:end], mode="clip")
             del memory, target  # (arrays over the map would keep it from closing)
             return out
         with memoryview(self.map) as source:

@@ -86,12 +86,25 @@ the_counter_log() {
         shift
     done | tail -1
 }
-# exited PID: the process is gone (or a zombie: xl has exited, its parent has not reaped it yet)
-exited() { [ ! -r /proc/$1/stat ] || [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" = Z ]; }
-# wait_exit PID: poll every 0.05 s (no xl call: this is the precise "unpaused" moment, since xl
-# migrate-receive exits right after it unpauses the failed-over domain), at most 120 s
-wait_exit() { poll 0.05 120 exited "$1"; }
-since2() { awk "BEGIN {printf \"%.2f\", $(uptime_s) - $1}"; }
+# kill_timed TAG PRIMARY XLRECV: SIGKILL the frozen PRIMARY and time, without polling, its exit
+# and the standby's xl's (xl migrate-receive exits right after it unpauses the failed-over
+# domain: the "unpaused" moment).  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
+# UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan).  Shell polling for these lagged
+# by up to a second while dom0 was busy with the failover (tests/xenlab/exitclock.py).
+kill_timed() {
+    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" _out=$OUTD/$1
+    rm -f "$_out"-*-exit "$_out"-*-exit.ready
+    $_clock wait "$2" "$_out-primary-exit" & _w1=$!
+    _w2=
+    [ -n "$3" ] && { $_clock wait "$3" "$_out-standby-xl-exit" & _w2=$!; }
+    poll 0.1 60 test -f "$_out-primary-exit.ready"
+    [ -z "$3" ] || poll 0.1 60 test -f "$_out-standby-xl-exit.ready"
+    set -- $($_clock kill "$2")
+    T_KILL=$1 T_KILL_WALL=$2
+    wait $_w1 $_w2
+    after() { [ -s "$1" ] && awk -v k="$T_KILL" '{printf "%.2f", $1 - k}' "$1" || echo nan; }
+    UNPAUSED_S=$(after "$_out-standby-xl-exit") PRIMARY_EXIT_S=$(after "$_out-primary-exit")
+}
 # the standby's xl migrate-receive -r (the only one running when the primary is killed; anchored,
 # since `xl remus ... domu 'xl migrate-receive -r'` carries the same words in its own command line)
 standby_xl() { pgrep -f '^[^ ]*xl migrate-receive -r' | head -1; }
@@ -209,18 +222,9 @@ echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints commit
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
-XLRECV=$(standby_xl)
-t_kill_wall=$(date +%s.%N)  # before t_kill: the same gap from t_kill to the kill as for xl remus
-t_kill=$(uptime_s)
-# How long the killed primary takes to exit (its memory is torn down before its sockets close).
-( wait_exit $REMUS && since2 "$t_kill" > $OUTD/primary-exit-s ) &
-EXITWATCH=$!
-kill -KILL $REMUS
-unpaused_s=nan
-[ -n "$XLRECV" ] && wait_exit "$XLRECV" && unpaused_s=$(since2 "$t_kill")
-wait $EXITWATCH 2>/dev/null
+kill_timed remus $REMUS "$(standby_xl)"
+t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
 wait $REMUS 2>/dev/null
-primary_exit_s=$(cat $OUTD/primary-exit-s 2>/dev/null || echo nan)
 poll_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
 acked=$(python3 -c 'import json, sys
@@ -311,16 +315,9 @@ elif [ $runs = 0 ]; then
         kill -STOP $XLREMUS
         xl destroy domu
         marks=$(console_marks)
-        XLRECV=$(standby_xl)
-        t_kill=$(uptime_s)
-        ( wait_exit $XLREMUS && since2 "$t_kill" > $OUTD/xl-primary-exit-s ) &
-        EXITWATCH=$!
-        kill -KILL $XLREMUS
-        xl_unpaused_s=nan
-        [ -n "$XLRECV" ] && wait_exit "$XLRECV" && xl_unpaused_s=$(since2 "$t_kill")
-        wait $EXITWATCH 2>/dev/null
+        kill_timed xl-remus $XLREMUS "$(standby_xl)"
+        t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
         wait $XLREMUS 2>/dev/null
-        xl_primary_exit_s=$(cat $OUTD/xl-primary-exit-s 2>/dev/null || echo nan)
         poll_fast 120 runs_as_new "$PEER_OLD"
         xl_running_s=$(since "$t_kill")
         poll_fast 120 has_new_counters "$marks" 1
