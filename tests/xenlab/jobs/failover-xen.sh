@@ -86,25 +86,29 @@ the_counter_log() {
         shift
     done | tail -1
 }
-# kill_timed TAG PRIMARY XLRECV: SIGKILL the frozen PRIMARY and time, without polling, its exit
-# and the standby's xl's (xl migrate-receive exits right after it unpauses the failed-over
-# domain: the "unpaused" moment).  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
-# UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan).  Shell polling for these lagged
-# by up to a second while dom0 was busy with the failover (tests/xenlab/exitclock.py).
+# kill_timed TAG PRIMARY XLRECV [RECEIVER]: SIGKILL the frozen PRIMARY and time, without polling,
+# its exit, the standby xl's (xl migrate-receive exits right after it unpauses the failed-over
+# domain: the "unpaused" moment) and RECEIVER's.  Sets T_KILL (boot time, /proc/uptime's clock),
+# T_KILL_WALL, UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); it returns once
+# the standby xl exited.  RECEIVER's exit is clocked in the background: receiver_exit_s TAG
+# says it, once RECEIVER has ended.  Shell polling for these lagged by up to a second while dom0
+# was busy with the failover (tests/xenlab/exitclock.py).
 kill_timed() {
-    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" _out=$OUTD/$1
+    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" _out=$OUTD/$1 _pids=
     rm -f "$_out"-*-exit "$_out"-*-exit.ready
-    $_clock wait "$2" "$_out-primary-exit" & _w1=$!
-    _w2=
-    [ -n "$3" ] && { $_clock wait "$3" "$_out-standby-xl-exit" & _w2=$!; }
-    poll 0.1 60 test -f "$_out-primary-exit.ready"
-    [ -z "$3" ] || poll 0.1 60 test -f "$_out-standby-xl-exit.ready"
+    for _which in primary:$2 standby-xl:$3 receiver:$4; do
+        [ -n "${_which#*:}" ] || continue
+        $_clock wait "${_which#*:}" "$_out-${_which%%:*}-exit" &
+        [ "${_which%%:*}" = receiver ] || _pids="$_pids $!"
+        poll 0.1 60 test -f "$_out-${_which%%:*}-exit.ready"
+    done
     set -- $($_clock kill "$2")
     T_KILL=$1 T_KILL_WALL=$2
-    wait $_w1 $_w2
-    after() { [ -s "$1" ] && awk -v k="$T_KILL" '{printf "%.2f", $1 - k}' "$1" || echo nan; }
-    UNPAUSED_S=$(after "$_out-standby-xl-exit") PRIMARY_EXIT_S=$(after "$_out-primary-exit")
+    wait $_pids
+    UNPAUSED_S=$(after_kill "$_out-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$_out-primary-exit")
 }
+after_kill() { [ -s "$1" ] && awk -v k="$T_KILL" '{printf "%.2f", $1 - k}' "$1" || echo nan; }
+receiver_exit_s() { after_kill "$OUTD/$1-receiver-exit"; }
 # the standby's xl migrate-receive -r (the only one running when the primary is killed; anchored,
 # since `xl remus ... domu 'xl migrate-receive -r'` carries the same words in its own command line)
 standby_xl() { pgrep -f '^[^ ]*xl migrate-receive -r' | head -1; }
@@ -222,7 +226,7 @@ echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints commit
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
-kill_timed remus $REMUS "$(standby_xl)"
+kill_timed remus $REMUS "$(standby_xl)" $RECEIVER
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
 wait $REMUS 2>/dev/null
 poll_fast 120 runs_as_new "$OLD_DOMID"
@@ -293,7 +297,8 @@ check failover_xen $ok "receiver exit $rrc; standby domu--incoming $incoming_sta
     "${printing_s}s (activate() ${restore_s}s: $parts); counter $mark before checkpoint $((n0 + 2)), then" \
     "$(echo $counters | cut -d' ' -f1-4) ... ($verdict); first checkpoint after ${first_s}s;" \
     "receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest; primary RSS ${primary_rss} MiB" \
-    "(peak ${primary_hwm}), exited ${primary_exit_s}s after the SIGKILL"
+    "(peak ${primary_hwm}), exited ${primary_exit_s}s after the SIGKILL; the receiver exited after" \
+    "$(receiver_exit_s remus)s"
 REMUS_RUNNING_S=$running_s REMUS_PRINTING_S=$printing_s REMUS_UNPAUSED_S=$unpaused_s
 REMUS_PRIMARY_EXIT_S=$primary_exit_s
 
