@@ -86,26 +86,30 @@ the_counter_log() {
         shift
     done | tail -1
 }
-# kill_timed TAG PRIMARY XLRECV [RECEIVER]: SIGKILL the frozen PRIMARY and time, without polling,
-# its exit, the standby xl's (xl migrate-receive exits right after it unpauses the failed-over
-# domain: the "unpaused" moment) and RECEIVER's.  Sets T_KILL (boot time, /proc/uptime's clock),
-# T_KILL_WALL, UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); it returns once
-# the standby xl exited.  RECEIVER's exit is clocked in the background: receiver_exit_s TAG
-# says it, once RECEIVER has ended.  Shell polling for these lagged by up to a second while dom0
-# was busy with the failover (tests/xenlab/exitclock.py).
-kill_timed() {
-    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" _out=$OUTD/$1 _pids=
-    rm -f "$_out"-*-exit "$_out"-*-exit.ready
+# clock_exits TAG PRIMARY XLRECV [RECEIVER]: from now on, note without polling when each of these
+# exits (xl migrate-receive exits right after it unpauses the failed-over domain: the "unpaused"
+# moment).  Started before the primary is frozen, so that the frozen window stays as short as
+# before; shell polling for these lagged by up to a second while dom0 was busy with the failover
+# (tests/xenlab/exitclock.py).
+clock_exits() {
+    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" CLOCKED=$OUTD/$1 CLOCK_PIDS=
+    rm -f "$CLOCKED"-*-exit "$CLOCKED"-*-exit.ready
     for _which in primary:$2 standby-xl:$3 receiver:$4; do
         [ -n "${_which#*:}" ] || continue
-        $_clock wait "${_which#*:}" "$_out-${_which%%:*}-exit" &
-        [ "${_which%%:*}" = receiver ] || _pids="$_pids $!"
-        poll 0.1 60 test -f "$_out-${_which%%:*}-exit.ready"
+        $_clock wait "${_which#*:}" "$CLOCKED-${_which%%:*}-exit" &
+        [ "${_which%%:*}" = receiver ] || CLOCK_PIDS="$CLOCK_PIDS $!"
+        poll 0.1 60 test -f "$CLOCKED-${_which%%:*}-exit.ready"
     done
-    set -- $($_clock kill "$2")
+}
+# kill_clocked PRIMARY: SIGKILL it (frozen, its domain destroyed), stamped by the same clock; return
+# once the standby xl exited.  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
+# UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); receiver_exit_s says the
+# receiver's, once it has ended.
+kill_clocked() {
+    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" kill "$1")
     T_KILL=$1 T_KILL_WALL=$2
-    wait $_pids
-    UNPAUSED_S=$(after_kill "$_out-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$_out-primary-exit")
+    wait $CLOCK_PIDS
+    UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$CLOCKED-primary-exit")
 }
 after_kill() { [ -s "$1" ] && awk -v k="$T_KILL" '{printf "%.2f", $1 - k}' "$1" || echo nan; }
 receiver_exit_s() { after_kill "$OUTD/$1-receiver-exit"; }
@@ -223,10 +227,11 @@ guest_mib=$(xl list domu | awk 'NR == 2 {print $3}')
 echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
      "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest;" \
      "primary RSS ${primary_rss} MiB (peak ${primary_hwm})"
+clock_exits remus $REMUS "$(standby_xl)" $RECEIVER
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
-kill_timed remus $REMUS "$(standby_xl)" $RECEIVER
+kill_clocked $REMUS
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
 wait $REMUS 2>/dev/null
 poll_fast 120 runs_as_new "$OLD_DOMID"
@@ -317,10 +322,11 @@ elif [ $runs = 0 ]; then
     peer_first=$(since "$t_start")
     incoming_state=$(xl_state domu--incoming)
     if [ "$(xl_checkpoints)" -ge $((1 + MORE)) ] && ! gone $XLREMUS; then
+        clock_exits xl-remus $XLREMUS "$(standby_xl)"
         kill -STOP $XLREMUS
         xl destroy domu
         marks=$(console_marks)
-        kill_timed xl-remus $XLREMUS "$(standby_xl)"
+        kill_clocked $XLREMUS
         t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
         wait $XLREMUS 2>/dev/null
         poll_fast 120 runs_as_new "$PEER_OLD"
