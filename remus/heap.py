@@ -7,10 +7,11 @@ the process stays as large as its largest checkpoint for the rest of the
 session: in the Xen lab, 250 MiB instead of 119 MiB for a 128 MiB guest.
 Besides memory, the kernel tears a SIGKILLed process's memory down before it
 closes its sockets (``do_exit`` runs ``exit_mm`` before ``exit_files``), so
-a backup on the same host sees a smaller primary die sooner.  ``trim()``
-asks glibc (``malloc_trim``) to return its free pages.  The
-engine calls it after such a checkpoint is acknowledged, the receiver after
-it committed and acknowledged one (there it gave back 0.07 of a 256 MiB
+a backup on the same host sees a smaller primary die sooner.
+
+``trim()`` asks glibc (``malloc_trim``) to return its free pages.  The engine
+calls it once such a checkpoint is acknowledged and its buffers dropped; the
+receiver once it has committed one (there it gave back 0.07 of a 256 MiB
 guest's size).
 
 Never frees anything still in use (it only drops pages glibc holds free), and

@@ -426,7 +426,7 @@ class Receiver:
             if not self._on_output(live, output):
                 return False
         if any(isinstance(o, Committed) and heap.worth_trimming(len(o.changed_pfns) * PAGE_SIZE) for o in outputs):
-            heap.trim()  # after its ACK: a large checkpoint's staging is freed, give the heap back
+            heap.trim()  # a large checkpoint's staging is freed now: give the heap back
         if self.on_progress is not None:
             self.on_progress(live.session)
         return True

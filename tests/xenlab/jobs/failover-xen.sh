@@ -18,10 +18,11 @@
 #                      prints is above the last one printed before the last acknowledged
 #                      checkpoint, so no fresh boot) and keeps advancing.
 #                      Measured: SIGKILL to unpaused (the standby's xl exits right after it
-#                      unpauses the domain; polled every 0.05 s), to running (polled with xl list), to the guest's
-#                      next console line, activate() alone (restore_s); the primary's RSS before
-#                      the kill and how long the killed primary took to exit (its memory is torn
-#                      down before its sockets close, so that delays the loss seen)
+#                      unpauses the domain; clocked by a pidfd waiter, see clock_exits), to running
+#                      (polled with xl list), to the guest's next console line, activate() alone
+#                      (restore_s); the primary's RSS before the kill, how long the killed primary
+#                      took to exit (its memory is torn down before its sockets close, so that
+#                      delays the loss seen) and when the receiver exited
 #   xl_remus_failover  `xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r'` on the
 #                      failed-over guest, killed the same way after its first checkpoint and 3
 #                      more; measured the same; the ratio remus/xl (a measurement, not an assertion)
