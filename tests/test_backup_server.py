@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -428,3 +429,16 @@ def test_the_receiver_gives_its_heap_back_after_a_large_checkpoint_only(monkeypa
     # have carried later ones too), never for the small ones after it.
     assert len(trims) == 1 and trims[0] >= 1
     assert backup.finish() == 0
+
+
+def test_a_quick_exit_keeps_the_status_and_flushes_what_was_written() -> None:
+    code = ("import logging, sys\n"
+            "from remus.backup.cli import _leave_quietly\n"
+            "logging.basicConfig(stream=sys.stderr)\n"
+            "print('said', end='')\n"
+            "logging.getLogger('t').warning('logged')\n"
+            "_leave_quietly(3)\n"
+            "print('never')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "said" and "logged" in done.stderr

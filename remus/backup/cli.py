@@ -52,9 +52,10 @@ Options:
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
-from typing import IO, Any, Optional, Sequence
+from typing import IO, Any, NoReturn, Optional, Sequence
 
 from remus import cli_common
 from remus.backup.control import DEFAULT_CONTROL_SOCKET
@@ -198,8 +199,13 @@ def _serve(options: dict[str, Any]) -> int:
             events.close()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``remus-receiver`` command; returns the exit status (2 on usage errors)."""
+def main(argv: Optional[Sequence[str]] = None, *, quick_exit: bool = False) -> int:
+    """The ``remus-receiver`` command; returns the exit status (2 on usage errors).
+
+    With ``quick_exit`` (the installed command) a ``--once`` receiver does not return: once it
+    has closed its files it exits at the lowest CPU priority without tearing its interpreter
+    down (``_leave_quietly``).
+    """
     try:
         options = parse(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
@@ -212,8 +218,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _status(options)
     if options["command"] == "activate":
         return _activate(options)
-    return _serve(options)
+    once = options["once"]
+    status = _serve(options)
+    if quick_exit and once:
+        _leave_quietly(status)
+    return status
+
+
+def _leave_quietly(status: int) -> NoReturn:
+    """Exit now, yielding dom0's CPU to whatever else runs: the session is over.
+
+    After a ``--once`` session (a failover, typically) what is left is the teardown of the
+    receiver's memory, the image of the whole guest among it; the domain that was just started
+    should not wait for it.  So every thread drops to the lowest priority and the process exits
+    without the interpreter's own teardown, its output flushed and its files already closed.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 19)
+    except OSError:
+        pass
+    os._exit(status)
+
+
+def run() -> NoReturn:
+    """The installed command's entry point."""
+    sys.exit(main(quick_exit=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
