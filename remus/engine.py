@@ -159,7 +159,9 @@ class Engine:
         next_start = self.clock.now()
         while self.clock.wait_until(next_start, self.stop):
             self.seq += 1
-            next_start = self._checkpoint(self.seq)
+            next_start, raw_bytes = self._checkpoint(self.seq)
+            if heap.worth_trimming(raw_bytes):  # the checkpoint's buffers went with its frame
+                self._release_memory()
 
     @staticmethod
     def _ending_message(exc: BaseException) -> str:
@@ -210,8 +212,8 @@ class Engine:
         except Exception as exc:
             raise CheckpointError(phase, seq, f"{type(exc).__name__}: {exc}") from exc
 
-    def _checkpoint(self, seq: int) -> float:
-        """Run checkpoint ``seq``; return when the next one is due."""
+    def _checkpoint(self, seq: int) -> tuple[float, int]:
+        """Run checkpoint ``seq``; return when the next one is due, and its raw bytes."""
         clock = self.clock
         wall_suspend = time.time()
         t_suspend = clock.now()
@@ -252,10 +254,7 @@ class Engine:
         self._summary.add(stats)
         if self._on_checkpoint is not None:
             self._on_checkpoint(stats)
-        del capture, extra, encoded  # the checkpoint's pages: freed before the memory is released
-        if heap.worth_trimming(stats.raw_bytes):
-            self._release_memory()
-        return next_start
+        return next_start, stats.raw_bytes
 
     # -- every exit path -------------------------------------------------------------
     def _cleanup(self) -> None:
