@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from remus.sim.spec import _parse_size
 
@@ -45,31 +45,39 @@ def rss() -> dict[str, int]:
     return out
 
 
-def primary(memory: str, checkpoints: int, path: str) -> dict[str, object]:
+def _engine_memory(domain: Any, path: str, checkpoints: int, first_at: int,
+                   **engine_options: Any) -> dict[str, object]:
+    """Run the engine on ``domain`` into the file ``path`` with compression; RSS after checkpoint
+    ``first_at`` and after the last of ``checkpoints``."""
     from remus.channel import BlackholeChannel
     from remus.clock import StopFlag
     from remus.engine import Engine
-    from remus.sim.domain import SimulatedDomain
-    from remus.sim.spec import parse_sim_spec
 
     open(path, "wb").close()  # the channel opens it for writing, it does not create it
-    domain = SimulatedDomain(parse_sim_spec(f"sim:mem,memory={memory},dirty_rate=12000,packet_rate=0"))
     stop = StopFlag()
     samples: list[dict[str, int]] = []
 
     def on_checkpoint(_stats: object) -> None:
-        if len(samples) == 0 or engine.seq >= checkpoints:
+        if engine.seq in (first_at, checkpoints):
             samples.append(rss())
         if engine.seq >= checkpoints:
             stop.set("done")
 
-    engine = Engine(domain, BlackholeChannel(path), interval_ms=25, compression=True,
-                    devices=list(domain.devices(True)), stop=stop, on_checkpoint=on_checkpoint)
+    engine = Engine(domain, BlackholeChannel(path), interval_ms=25, compression=True, stop=stop,
+                    on_checkpoint=on_checkpoint, **engine_options)
     try:
         engine.run()
     finally:
         domain.close()
     return {"after first": samples[0], "steady": samples[-1]}
+
+
+def primary(memory: str, checkpoints: int, path: str) -> dict[str, object]:
+    from remus.sim.domain import SimulatedDomain
+    from remus.sim.spec import parse_sim_spec
+
+    domain = SimulatedDomain(parse_sim_spec(f"sim:mem,memory={memory},dirty_rate=12000,packet_rate=0"))
+    return _engine_memory(domain, path, checkpoints, 1, devices=list(domain.devices(True)))
 
 
 _NOISE = os.urandom(64 * 4096)
@@ -84,30 +92,12 @@ def _half_random(pfns: list[int]) -> "PageData":
 
 def primary_libxc(memory: str, checkpoints: int, path: str, trim: bool) -> dict[str, object]:
     from remus import heap
-    from remus.channel import BlackholeChannel
-    from remus.clock import StopFlag
-    from remus.engine import Engine
     from tests.xen_fakes import FakeLibxc, make_domain
 
-    open(path, "wb").close()
     libxc = FakeLibxc(dirty_per_checkpoint=300, guest_pages=_parse_size(memory) // 4096, content=_half_random)
     domain, _guest = make_domain(libxc, precopy_timeout_s=120.0, step_timeout_s=120.0)
-    stop = StopFlag()
-    samples: list[dict[str, int]] = []
-
-    def on_checkpoint(_stats: object) -> None:
-        if engine.seq in (2, checkpoints):  # after the first (and its release), and at the end
-            samples.append(rss())
-        if engine.seq >= checkpoints:
-            stop.set("done")
-
-    engine = Engine(domain, BlackholeChannel(path), interval_ms=25, compression=True, stop=stop,
-                    on_checkpoint=on_checkpoint, release_memory=heap.trim if trim else lambda: None)
-    try:
-        engine.run()
-    finally:
-        domain.close()
-    return {"after first": samples[0], "steady": samples[-1]}
+    # After the first checkpoint's release (checkpoint 2), and at the end.
+    return _engine_memory(domain, path, checkpoints, 2, release_memory=heap.trim if trim else lambda: None)
 
 
 def backup(path: str) -> dict[str, object]:
