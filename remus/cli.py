@@ -40,7 +40,7 @@ from typing import Mapping, Optional, Sequence
 from docopt import docopt
 
 from remus import __version__
-from remus.cli_common import Opt, match_long, options_table
+from remus.cli_common import Opt, ShowText, match_long, options_table
 from remus.errors import UsageError
 from remus.settings import (
     DEFAULT_ACK_TIMEOUT_MS,
@@ -61,14 +61,6 @@ OLD_HELP = HELP.split("\n\nAdditional options")[0] + "\n"
 GRAMMAR = "Usage:\n  remus [options]... [<args>...]\n" + HELP[HELP.index("\n\nOptions:") :]
 
 __all__ = ["HELP", "MissingDomain", "Settings", "ShowText", "main", "parse"]
-
-
-class ShowText(Exception):
-    """``-h`` or ``--version``: print ``text`` to stdout and exit 0."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 class MissingDomain(UsageError):

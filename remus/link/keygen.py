@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 from docopt import docopt
 
 from remus import __version__
-from remus.cli_common import match_long, options_table
+from remus.cli_common import ShowText, match_long, options_table
 from remus.errors import KeyFileError, UsageError
 from remus.link.keys import DEFAULT_KEY_FILE, NEW_KEY_BYTES, write_key_file
 
@@ -35,14 +35,6 @@ class KeygenArgs:
 
     key_file: str
     force: bool
-
-
-class ShowText(Exception):
-    """``-h`` or ``--version``: print ``text`` to stdout and exit 0."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 _TABLE = options_table(HELP)
