@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from remus.errors import XenError
 from remus.stream.codec import encode_record
 from remus.stream.records import (
+    MAX_BATCH_PAGES,
     PAGE_SIZE,
     Checkpoint,
     DomainHeader,
@@ -30,7 +31,6 @@ from remus.xen.saver import XGS_POLICY_ABORT, XGS_POLICY_CONTINUE_PRECOPY, Check
 from remus.xen.store import DomainRef
 
 GUEST_PAGES = 64
-LIBXC_BATCH_PAGES = 1024
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -82,8 +82,8 @@ class FakeLibxc:
             if decision == XGS_POLICY_ABORT:
                 raise XenError("xc_domain_save", -1, errno.EINTR, "precopy aborted")
             sent = list(range(self.guest_pages)) if iteration == 0 else [1, 2]
-            for start in range(0, len(sent), LIBXC_BATCH_PAGES):  # libxc's records: 1024 pages at most
-                write_all(fd, encode_record(self.content(sent[start : start + LIBXC_BATCH_PAGES])))
+            for start in range(0, len(sent), MAX_BATCH_PAGES):  # libxc's records hold as many at most
+                write_all(fd, encode_record(self.content(sent[start : start + MAX_BATCH_PAGES])))
             if decision != XGS_POLICY_CONTINUE_PRECOPY and not self.precopy_forever:
                 break
             iteration += 1
