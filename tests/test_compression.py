@@ -11,7 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remus.stream.codec import StreamDecoder, encode_record
-from remus.stream.compression import VECTORISED, PageCache, PageCompressor, PageDecompressor, xor_pages
+import zstandard
+
+from remus.stream import compression
+from remus.stream.compression import (
+    NATIVE,
+    VECTORISED,
+    PageCache,
+    PageCompressor,
+    PageDecompressor,
+    xor_pages,
+)
 from remus.stream.records import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -53,7 +63,16 @@ def to_records(checkpoint: list[tuple[int, int, list[tuple[int, int]]]]) -> list
 
 
 needs_numpy = pytest.mark.skipif(not VECTORISED, reason="numpy is not installed (pip install '.[fast]')")
-paths = pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=needs_numpy)])
+needs_native = pytest.mark.skipif(not NATIVE, reason="the C helper remus.stream._pages is not built "
+                                                      "(needs a C compiler and python3-dev at install)")
+#: (vectorised, native) of every way of moving the bytes, each where it is available.
+PATHS = [(False, False), pytest.param(True, False, marks=needs_numpy),
+         pytest.param(False, True, marks=needs_native),
+         pytest.param(True, True, marks=[needs_numpy, needs_native])]
+#: The same, as a list of those available here, for tests that compare them with each other.
+AVAILABLE = [(v, n) for v in (False, True) for n in (False, True)
+             if (VECTORISED or not v) and (NATIVE or not n)]
+paths = pytest.mark.parametrize("vectorised, native", PATHS)
 
 
 @paths
@@ -61,10 +80,10 @@ paths = pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=n
 @given(checkpoints=st.lists(entries, min_size=1, max_size=5), cache_pages=st.integers(0, 30),
        lru=st.booleans())
 def test_receiver_reconstructs_exactly_what_was_sent(checkpoints: list, cache_pages: int, lru: bool,
-                                                     vectorised: bool) -> None:
-    compressor = PageCompressor(cache_pages=cache_pages, vectorised=vectorised,
+                                                     vectorised: bool, native: bool) -> None:
+    compressor = PageCompressor(cache_pages=cache_pages, vectorised=vectorised, native=native,
                                 policy="lru" if lru else "second")
-    decompressor = PageDecompressor(vectorised=vectorised)
+    decompressor = PageDecompressor(vectorised=vectorised, native=native)
     receiver: dict[int, bytes] = {}
     for checkpoint in checkpoints:
         records = to_records(checkpoint)
@@ -119,7 +138,7 @@ def test_lru_cache_is_lru_and_bounded() -> None:
     assert 2 in cache and 3 in cache and 1 not in cache
 
 
-@paths
+@pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=needs_numpy)])
 def test_full_cache_admits_a_page_only_when_it_is_sent_again(vectorised: bool) -> None:
     pages = [page_of(i, []) for i in range(1, 8)]
     cache = PageCache(2, vectorised=vectorised)
@@ -233,22 +252,24 @@ def stream(seed: int, checkpoints: int, pages: int, memory: int) -> list[list[Pa
     return out
 
 
-@needs_numpy
+@pytest.mark.skipif(len(AVAILABLE) < 2, reason="neither numpy nor the C helper is here to compare")
 @pytest.mark.parametrize("policy", ["second", "lru"])
-def test_numpy_and_pure_python_paths_put_the_same_bytes_on_the_wire(policy: str) -> None:
+def test_every_path_puts_the_same_bytes_on_the_wire(policy: str) -> None:
     checkpoints = stream(seed=11, checkpoints=6, pages=1500, memory=900)
     wire = {}
-    for vectorised in (False, True):
-        compressor = PageCompressor(300, vectorised=vectorised, policy=policy)
-        wire[vectorised] = [b"".join(encode_record(b) for b in compressor.compress(records))
-                            for records in checkpoints]
-    assert wire[False] == wire[True]
-    # and each side's decoder takes the other's bytes
-    for vectorised in (False, True):
-        decompressor = PageDecompressor(vectorised=vectorised)
+    for vectorised, native in AVAILABLE:
+        compressor = PageCompressor(300, vectorised=vectorised, native=native, policy=policy)
+        wire[vectorised, native] = [b"".join(encode_record(b) for b in compressor.compress(records))
+                                    for records in checkpoints]
+    pure = wire[False, False]
+    assert all(sent == pure for sent in wire.values())
+    # and every decoder takes those bytes
+    sent = [(w, p) for records in checkpoints for r in records for w, p in zip(r.pfns, _data(r))]
+    for vectorised, native in AVAILABLE:
+        decompressor = PageDecompressor(vectorised=vectorised, native=native)
         receiver: dict[int, bytes] = {}
         decoder = StreamDecoder()
-        decoder.receive_data(StreamHeader().encode() + b"".join(wire[not vectorised]))
+        decoder.receive_data(StreamHeader().encode() + b"".join(pure))
         got = []
         for event in list(decoder.events())[1:]:
             if isinstance(event, PageBatch):
@@ -256,23 +277,98 @@ def test_numpy_and_pure_python_paths_put_the_same_bytes_on_the_wire(policy: str)
                     if page is not None:
                         receiver[word & ((1 << 52) - 1)] = page
                     got.append((word, page))
-        sent = [(w, p) for records in checkpoints for r in records for w, p in zip(r.pfns, _data(r))]
         assert got == sent
 
 
-@needs_numpy
+@pytest.mark.skipif(len(AVAILABLE) < 2, reason="neither numpy nor the C helper is here to compare")
 @settings(max_examples=100, deadline=None)
 @given(checkpoints=st.lists(entries, min_size=1, max_size=6), cache_pages=st.integers(0, 12), lru=st.booleans())
-def test_both_cache_representations_make_the_same_decisions(checkpoints: list, cache_pages: int, lru: bool) -> None:
+def test_every_path_makes_the_same_decisions(checkpoints: list, cache_pages: int, lru: bool) -> None:
     policy = "lru" if lru else "second"
-    pure = PageCompressor(cache_pages, vectorised=False, policy=policy)
-    fast = PageCompressor(cache_pages, vectorised=True, policy=policy)
+    pure, *others = [PageCompressor(cache_pages, vectorised=v, native=n, policy=policy) for v, n in AVAILABLE]
     for checkpoint in checkpoints:
         records = to_records(checkpoint)
-        assert [b.encode_body() for b in pure.compress(records)] == [b.encode_body() for b in fast.compress(records)]
-        assert (pure.cache.hits, pure.cache.misses, len(pure.cache)) == (fast.cache.hits, fast.cache.misses,
-                                                                         len(fast.cache))
-        assert all((pfn in pure.cache) == (pfn in fast.cache) for pfn in range(42))
+        expected = [b.encode_body() for b in pure.compress(records)]
+        for other in others:
+            assert [b.encode_body() for b in other.compress(records)] == expected
+            assert (pure.cache.hits, pure.cache.misses, len(pure.cache)) == (
+                other.cache.hits, other.cache.misses, len(other.cache))
+            assert all((pfn in pure.cache) == (pfn in other.cache) for pfn in range(42))
+
+
+def text_like_page(seed: int) -> bytes:
+    """A page zstd's levels 1 and 9 compress differently (words drawn from a small vocabulary)."""
+    rng = random.Random(seed)
+    vocabulary = [rng.randbytes(rng.randrange(3, 9)) for _ in range(64)]
+    out = b""
+    while len(out) < PAGE_SIZE:
+        out += rng.choice(vocabulary)
+    return out[:PAGE_SIZE]
+
+
+def frame(level: int, payload: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(payload)
+
+
+@paths
+def test_batches_mostly_of_deltas_use_the_delta_level(vectorised: bool, native: bool) -> None:
+    """Whole pages at ``level``, batches at least half XOR at ``delta_level`` (zstd states neither
+    in its frame, so the test compresses the payloads itself at each level)."""
+    compressor = PageCompressor(vectorised=vectorised, native=native, level=1, delta_level=9)
+    pages = [text_like_page(seed) for seed in range(8)]
+    (first,) = compressor.compress([PageData(tuple(range(8)), tuple(pages))])
+    assert first.kinds == (PageKind.FULL,) * 8
+    assert first.frame == frame(1, b"".join(pages)) != frame(9, b"".join(pages))
+    # 4 pages sent before (XOR) and 4 new (FULL): half XOR is "mostly deltas"
+    fresh = [text_like_page(seed) for seed in range(100, 105)]
+    (mixed,) = compressor.compress([PageData((4, 5, 6, 7, 100, 101, 102, 103), tuple(fresh[:4] + fresh[:4]))])
+    assert mixed.kinds == (PageKind.XOR,) * 4 + (PageKind.FULL,) * 4
+    payload = b"".join(xor_pages(new, old) for new, old in zip(fresh[:4], pages[4:])) + b"".join(fresh[:4])
+    assert mixed.frame == frame(9, payload) != frame(1, payload)
+    # 3 of 7 XOR, just under half: the whole pages' level
+    (whole,) = compressor.compress([PageData((0, 1, 2, 200, 201, 202, 203), tuple(pages[:3] + fresh[:4]))])
+    assert whole.kinds == (PageKind.XOR,) * 3 + (PageKind.FULL,) * 4
+    payload = bytes(3 * PAGE_SIZE) + b"".join(fresh[:4])
+    assert whole.frame == frame(1, payload) != frame(9, payload)
+
+
+@needs_native
+def test_the_c_helper_refuses_slots_and_rows_out_of_range() -> None:
+    ffi, lib = compression._ffi, compression._lib
+    page = page_of(1, [])
+    slab = bytearray(2 * PAGE_SIZE)
+    out = bytearray(PAGE_SIZE)
+
+    def encode(read: int, write: int) -> int:
+        return lib.remus_encode_pages(ffi.from_buffer(page), 1, ffi.new("int64_t[]", [read]),
+                                      ffi.new("int64_t[]", [write]), ffi.from_buffer(slab), 2,
+                                      ffi.from_buffer(out))
+
+    assert encode(2, -1) == -1 and encode(-1, 2) == -1
+    assert slab == bytearray(2 * PAGE_SIZE) and out == bytearray(PAGE_SIZE)  # nothing written
+    assert encode(-1, 1) == 0 and out == page and slab[PAGE_SIZE:] == page
+    assert encode(1, 1) == 0 and out == bytes(PAGE_SIZE)  # the page XOR itself
+    payload = bytearray(page)
+
+    def xor(row: int) -> int:
+        return lib.remus_xor_rows(ffi.from_buffer(payload), 1, ffi.new("int64_t[]", [row]), 1,
+                                  ffi.from_buffer(page))
+
+    assert xor(1) == -1 and xor(-1) == -1 and payload == page
+    assert xor(0) == 0 and payload == bytes(PAGE_SIZE)
+    # the Python side checks what C cannot: buffer sizes
+    with pytest.raises(ValueError):
+        compression._encode_native(page, 1, [-1], [-1], slab, out)  # page 1 of a 1-page buffer
+    with pytest.raises(ValueError):
+        PageDecompressor(native=True)._apply(page, [0], [page[:100]])
+
+
+def test_asking_for_a_missing_fast_path_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compression, "_lib", None)
+    with pytest.raises(ValueError, match="python3-dev"):
+        PageCompressor(native=True)
+    with pytest.raises(ValueError, match="C helper"):
+        PageDecompressor(native=True)
 
 
 @pytest.mark.parametrize("compression", [True, False])

@@ -13,13 +13,17 @@ Theory of operation: the cache is one preallocated buffer of ``capacity``
 page slots (a "slab") plus a PFN-to-slot map with a last-sent order (numpy
 arrays of slots and stamps, or an ``OrderedDict`` without numpy; both take
 the same decisions, see ``PageCache``); no page is ever a Python object of
-its own.  A batch's data pages are copied into one work buffer;
-the XOR of every cached page against its slot and the copy of every page
-into its slot are each done for the whole batch at once: with numpy when it
-is installed (``pip install 'remus[fast]'`` or Debian's python3-numpy), else
-page by page through Python integers.  Both paths produce the same bytes (a
-test compares them on the wire).  A PFN that occurs twice in one batch
-splits it there, so its second copy is XORed against its first.
+its own.  A batch's data pages are joined into one buffer (one C-level
+``join``); the XOR of every cached page against its slot and the copy of
+every page into its slot are done for the whole batch at once: in one pass
+by the C helper ``remus.stream._pages`` where it was built at install (a C
+compiler and python3-dev), else with numpy when it is installed (``pip
+install 'remus[fast]'`` or Debian's python3-numpy), else page by page through
+Python integers.  Every combination produces the same bytes (a test compares
+them on the wire).  A PFN that occurs twice in one batch splits it there, so
+its second copy is XORed against its first.  A batch at least half XOR pages
+is compressed at ``DEFAULT_DELTA_LEVEL``, which is faster on mostly-zero
+deltas for the same bytes; other batches at ``DEFAULT_LEVEL``.
 
 Cache policy: a page is admitted while the cache has free slots; once it is
 full, a page is admitted (evicting the least recently sent one) only if it
@@ -34,6 +38,7 @@ Never compresses libxc's other records, and never sees a socket.
 
 from __future__ import annotations
 
+import array
 import mmap
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -56,20 +61,34 @@ try:
 except ImportError:  # the pure-Python path is used
     np = None  # type: ignore[assignment,unused-ignore]
 
+try:
+    from remus.stream._pages import ffi as _ffi, lib as _lib  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # not built (no compiler or no Python headers at install): numpy or Python
+    _ffi = _lib = None
+
 #: Default sender cache: 16384 pages = 64 MiB.
 DEFAULT_CACHE_PAGES = 16384
-#: zstd level: 1 is the fastest of the real levels and already removes the
-#: zeros XOR leaves; higher levels cost pause-free CPU for a few % of bytes.
+#: zstd level of a batch of mostly whole pages: 1 is the fastest of the real levels;
+#: the fast levels below it send 15 % more bytes of real binaries (docs/performance.md).
 DEFAULT_LEVEL = 1
+#: zstd level of a batch at least half XOR pages: -1 sends the same bytes of mostly-zero
+#: deltas as level 1 (within 1 %), 1.2 to 1.5 times as fast.
+DEFAULT_DELTA_LEVEL = -1
 
 
-#: True when numpy is importable: batches are XORed and cached as arrays.
+#: True when numpy is importable: the cache's bookkeeping is done over arrays.
 VECTORISED = np is not None
+#: True when the C helper ``remus.stream._pages`` was built at install: it moves a batch's
+#: bytes (XOR, copies into the cache) in one pass, whichever bookkeeping is used.
+NATIVE = _lib is not None
 #: Admission policies of ``PageCache`` (see the module docstring).
 POLICIES = ("second", "lru")
 #: Pages of PFNs at or above this (4 TiB of guest) are never cached: always sent whole.
 CACHED_PFNS = 1 << 30
 _WORDS_PER_PAGE = PAGE_SIZE // 8
+#: A PAGE_DATA word's top nibble is its XEN_DOMCTL_PFINFO_* type; BROKEN (0xD), XALLOC (0xE)
+#: and XTAB (0xF) carry no page (``page_type_has_data``, over arrays).
+_FIRST_NO_DATA_NIBBLE = 0xD
 _NO_SLOT = -1
 
 
@@ -274,101 +293,172 @@ def _segments(pfns: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _int64s(values: Any) -> Any:
+    """A C ``int64_t[]`` over ``values`` (a numpy int64 array or a list of ints), no copy of an array."""
+    if np is not None and isinstance(values, np.ndarray):
+        return _ffi.from_buffer("int64_t[]", np.ascontiguousarray(values, dtype=np.int64))
+    return _ffi.from_buffer("int64_t[]", array.array("q", values))
+
+
+def _encode_native(pages: "bytes | memoryview", first: int, read: Any, write: Any,
+                   slab: "mmap.mmap | bytearray", out: Any) -> None:
+    """The C helper's one pass over a segment: pages ``first`` on of ``pages`` XORed with
+    (or copied past) their read slots into ``out``, then copied into their write slots."""
+    count = len(read)
+    if len(write) != count or memoryview(pages).nbytes < (first + count) * PAGE_SIZE \
+            or memoryview(out).nbytes < count * PAGE_SIZE:
+        raise ValueError("pages, slots and output of a segment do not match")
+    source = _ffi.from_buffer("uint8_t[]", pages) + first * PAGE_SIZE
+    slots = len(slab) // PAGE_SIZE
+    if _lib.remus_encode_pages(source, count, _int64s(read), _int64s(write),
+                               _ffi.from_buffer("uint8_t[]", slab, require_writable=True), slots,
+                               _ffi.from_buffer("uint8_t[]", out, require_writable=True)) != 0:
+        raise AssertionError("page cache slot out of range")  # PageCache gives slots below capacity
+
+
+def _segments_numpy(pfns: Any) -> list[tuple[int, int]]:
+    """``_segments`` of an array (one sort to see that no PFN repeats, the usual case)."""
+    if len(pfns) < 2 or bool((np.diff(np.sort(pfns)) != 0).all()):
+        return [(0, len(pfns))]
+    return _segments(pfns.tolist())
+
+
 class PageCompressor:
     """Sender side: PAGE_DATA records in, ``PageBatch`` records out.
 
-    ``vectorised`` chooses the numpy path (default: when numpy is installed);
-    ``policy`` is the cache's admission policy.  The bytes produced are the
-    same either way for the same ``policy``.
+    ``vectorised`` chooses numpy bookkeeping (default: when numpy is installed),
+    ``native`` the C helper for moving the bytes (default: when it was built);
+    ``policy`` is the cache's admission policy; ``level`` and ``delta_level``
+    are zstd's for batches of mostly whole pages and of mostly XOR pages.  The
+    bytes produced are the same in every combination for the same settings.
     """
 
     def __init__(self, cache_pages: int = DEFAULT_CACHE_PAGES, level: int = DEFAULT_LEVEL,
-                 *, vectorised: Optional[bool] = None, policy: str = "second") -> None:
+                 *, vectorised: Optional[bool] = None, policy: str = "second",
+                 delta_level: int = DEFAULT_DELTA_LEVEL, native: Optional[bool] = None) -> None:
         if vectorised and np is None:
             raise ValueError("vectorised compression needs numpy (pip install 'remus[fast]')")
+        if native and _lib is None:
+            raise ValueError("native compression needs the C helper remus.stream._pages, built at "
+                             "install where a C compiler and Python's headers are (python3-dev)")
         self.vectorised = VECTORISED if vectorised is None else vectorised
+        self.native = NATIVE if native is None else native
         self.cache = PageCache(cache_pages, policy, self.vectorised)
         self._work: Any = None
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self._delta_cctx = zstandard.ZstdCompressor(level=delta_level, write_content_size=True)
 
     def compress(self, records: Iterable[PageData]) -> Iterator[PageBatch]:
         """Batches carrying exactly the pages of ``records``, in the same order."""
         words: list[int] = []
         pages: list["bytes | memoryview"] = []
+        batch = self._batch_numpy if self.vectorised else self._batch
         for record in records:
             words.extend(record.pfns)
             pages.extend(record.pages)
             while len(words) >= MAX_BATCH_PAGES:
-                count = sum(map(page_type_has_data, words[:MAX_BATCH_PAGES]))
-                yield self._batch(words[:MAX_BATCH_PAGES], pages[:count])
+                count = self._data_pages(words[:MAX_BATCH_PAGES])
+                yield batch(words[:MAX_BATCH_PAGES], pages[:count])
                 del words[:MAX_BATCH_PAGES], pages[:count]
         if words:
-            yield self._batch(words, pages)
+            yield batch(words, pages)
+
+    def _data_pages(self, words: list[int]) -> int:
+        """How many of these PAGE_DATA words are followed by a page."""
+        if self.vectorised:
+            entries = np.array(words, dtype=np.uint64)
+            return int(np.count_nonzero((entries >> np.uint64(60)) < _FIRST_NO_DATA_NIBBLE))
+        return sum(map(page_type_has_data, words))
+
+    def _compress(self, payload: "bytes | bytearray | memoryview", xor_pages: int, data_pages: int) -> bytes:
+        """The zstd frame of a batch's payloads: ``delta_level`` when at least half are XOR."""
+        cctx = self._delta_cctx if 2 * xor_pages >= data_pages > 0 else self._cctx
+        return cctx.compress(payload)
 
     def _batch(self, words: list[int], pages: list["bytes | memoryview"]) -> PageBatch:
         has_data = list(map(page_type_has_data, words))
         pfns = [w & PAGE_DATA_PFN_MASK for w, d in zip(words, has_data) if d]
         kinds_of_data: list[int] = []
-        pieces: list["bytes | memoryview"] = []
-        segments = _segments(pfns)
-        for start, end in segments:
+        pieces: list["bytes | bytearray"] = []
+        for start, end in _segments(pfns):
             read, write = self.cache.place(pfns[start:end])
-            # One segment (the usual case): zstd reads the work buffer itself, no copy.
-            pieces.append(self._payload(pages[start:end], read, write, copy=len(segments) > 1))
+            pieces.append(self._payload(pages[start:end], read, write))
             kinds_of_data.extend(PageKind.FULL if r < 0 else PageKind.XOR for r in read)
         data_kinds = iter(kinds_of_data)
         kinds = tuple(int(next(data_kinds)) if d else int(PageKind.NO_DATA) for d in has_data)
-        frame = self._cctx.compress(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        xored = kinds_of_data.count(PageKind.XOR)
+        frame = self._compress(pieces[0] if len(pieces) == 1 else b"".join(pieces), xored, len(pfns))
         return PageBatch(tuple(words), kinds, frame)
 
-    def _payload_numpy(self, pages: Sequence["bytes | memoryview"], read: list[int], xor_rows: list[int],
-                       writes: list[tuple[int, int]], copy: bool) -> "bytes | memoryview":
-        # Work buffers are allocated once: a fresh 4 MiB buffer per batch costs a page fault
-        # per 4 KiB, which on a busy virtual machine is more than the XOR itself.
-        n = len(pages)
+    def _batch_numpy(self, words: list[int], pages: list["bytes | memoryview"]) -> PageBatch:
+        """``_batch`` over arrays: the same decisions and bytes, no per-page Python work
+        beyond one ``join`` of the pages (a C loop) into the batch's input."""
+        entries = np.array(words, dtype=np.uint64)
+        has_data = (entries >> np.uint64(60)) < _FIRST_NO_DATA_NIBBLE
+        every = bool(has_data.all())
+        pfns = (entries & np.uint64(PAGE_DATA_PFN_MASK)).astype(np.int64)
+        if not every:
+            pfns = pfns[has_data]
+        n = len(pfns)
+        # Work buffer allocated once: a fresh 4 MiB buffer per batch costs a page fault per
+        # 4 KiB, which on a busy virtual machine is more than the XOR itself.
         if self._work is None:
-            self._work = np.zeros((2, MAX_BATCH_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
-        new, out = self._work[0, :n], self._work[1, :n]
-        flat = memoryview(new.reshape(-1).view(np.uint8))
-        for row, page in enumerate(pages):
-            flat[row * PAGE_SIZE : (row + 1) * PAGE_SIZE] = page
-        flat.release()
+            self._work = np.zeros((MAX_BATCH_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
+        joined = b"".join(pages)
+        new_all = np.frombuffer(joined, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+        out_all = self._work[:n]
         cache = np.frombuffer(self.cache.slab, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        if len(xor_rows) == n:  # a warm cache: every page is XORed
-            # mode="clip": with out= and the default mode, numpy gathers through a temporary
-            # (three times slower here); slots are in range by construction.
-            np.take(cache, np.array(read, dtype=np.intp), axis=0, out=out, mode="clip")
-            np.bitwise_xor(out, new, out=out)
+        kinds_of_data = np.empty(n, dtype=np.uint8)
+        for start, end in _segments_numpy(pfns):
+            # Segments are disjoint rows of one output; the cache is updated between them,
+            # so a PFN's second copy is XORed against its first.
+            read, write = self.cache._place_numpy(pfns[start:end])
+            new, out = new_all[start:end], out_all[start:end]
+            hit = read >= 0
+            kinds_of_data[start:end] = np.where(hit, np.uint8(PageKind.XOR), np.uint8(PageKind.FULL))
+            if self.native:
+                _encode_native(joined, start, read, write, self.cache.slab, out)
+                continue
+            if hit.all():  # a warm cache: every page is XORed
+                # mode="clip": with out= and the default mode, numpy gathers through a
+                # temporary (three times slower here); slots are in range by construction.
+                np.take(cache, read, axis=0, out=out, mode="clip")
+                np.bitwise_xor(out, new, out=out)
+            else:
+                out[:] = new
+                rows = np.flatnonzero(hit)
+                if len(rows):
+                    out[rows] = new[rows] ^ cache[read[rows]]
+            written = write >= 0
+            if written.all():
+                cache[write] = new
+            elif written.any():
+                cache[write[written]] = new[written]
+        if every:
+            kinds = kinds_of_data
         else:
-            out[:] = new
-            if xor_rows:
-                index = np.array(xor_rows, dtype=np.intp)
-                out[index] = new[index] ^ cache[np.array([read[r] for r in xor_rows], dtype=np.intp)]
-        if len(writes) == n:
-            cache[np.array([slot for _row, slot in writes], dtype=np.intp)] = new
-        elif writes:
-            rows, slots = zip(*writes)
-            cache[np.array(slots, dtype=np.intp)] = new[np.array(rows, dtype=np.intp)]
-        flat_out = memoryview(out.reshape(-1).view(np.uint8))
-        return bytes(flat_out) if copy else flat_out
+            kinds = np.zeros(len(words), dtype=np.uint8)  # PageKind.NO_DATA
+            kinds[has_data] = kinds_of_data
+        xored = int(np.count_nonzero(kinds_of_data == PageKind.XOR))
+        frame = self._compress(memoryview(out_all.reshape(-1).view(np.uint8)), xored, n)
+        return PageBatch(tuple(words), tuple(kinds.tolist()), frame)
 
-    def _payload(self, pages: Sequence["bytes | memoryview"], read: list[int], write: list[int],
-                 copy: bool = True) -> "bytes | memoryview":
+    def _payload(self, pages: Sequence["bytes | memoryview"], read: list[int],
+                 write: list[int]) -> "bytes | bytearray":
         """The payloads (FULL or XOR) of one segment, joined; then its pages copied into their slots."""
-        if not pages:
-            return b""
-        xor_rows = [row for row, slot in enumerate(read) if slot >= 0]
-        writes = [(row, slot) for row, slot in enumerate(write) if slot >= 0]
-        if self.vectorised:
-            return self._payload_numpy(pages, read, xor_rows, writes, copy)
+        if self.native:
+            out = bytearray(len(pages) * PAGE_SIZE)
+            _encode_native(b"".join(pages), 0, read, write, self.cache.slab, out)
+            return out
         view = memoryview(self.cache.slab)
         out_pages = list(pages)
-        for row in xor_rows:
-            slot = read[row]
-            out_pages[row] = xor_pages(pages[row], view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE])
+        for row, slot in enumerate(read):
+            if slot >= 0:
+                out_pages[row] = xor_pages(pages[row], view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE])
         joined = b"".join(out_pages)
-        for row, slot in writes:
-            view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = pages[row]
+        for row, slot in enumerate(write):
+            if slot >= 0:
+                view[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = pages[row]
         view.release()
         return joined
 
@@ -381,13 +471,17 @@ class PageDecompressor:
     """Receiver side: a ``PageBatch`` back into the exact pages that were sent.
 
     XOR pages are restored a segment at a time (a run of the batch with no
-    PFN twice), with numpy when ``vectorised`` (default: when installed).
+    PFN twice): with the C helper when ``native`` (default: when built), else
+    with numpy when ``vectorised`` (default: when installed), else in Python.
     """
 
-    def __init__(self, *, vectorised: Optional[bool] = None) -> None:
+    def __init__(self, *, vectorised: Optional[bool] = None, native: Optional[bool] = None) -> None:
         if vectorised and np is None:
             raise ValueError("vectorised decompression needs numpy (pip install 'remus[fast]')")
+        if native and _lib is None:
+            raise ValueError("native decompression needs the C helper remus.stream._pages (see PageCompressor)")
         self.vectorised = VECTORISED if vectorised is None else vectorised
+        self.native = NATIVE if native is None else native
         self._dctx = zstandard.ZstdDecompressor()
 
     def decompress(self, batch: PageBatch, lookup: PageLookup) -> Iterator[tuple[int, Optional[bytes]]]:
@@ -476,6 +570,16 @@ class PageDecompressor:
     def _apply(self, payload: bytes, xor_rows: list[int], bases: list[bytes]) -> bytes:
         if not xor_rows:
             return payload
+        if self.native:
+            base_pages = b"".join(bases)
+            if len(base_pages) != len(bases) * PAGE_SIZE:
+                raise ValueError("XOR base copies must be whole pages")  # the receiver stores pages
+            restored = bytearray(payload)
+            if _lib.remus_xor_rows(_ffi.from_buffer("uint8_t[]", restored, require_writable=True),
+                                   len(restored) // PAGE_SIZE, _int64s(xor_rows), len(xor_rows),
+                                   _ffi.from_buffer("uint8_t[]", base_pages)) != 0:
+                raise AssertionError("XOR row out of range")  # rows index this payload by construction
+            return bytes(restored)
         if self.vectorised:
             pages = np.frombuffer(payload, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
             joined = bytearray(b"".join(bases))

@@ -9,8 +9,8 @@ untimed).  Printed per method: wire bytes per checkpoint, MB/s of raw page
 bytes encoded, and both as ratios against the xm-era word-RLE codec with
 its own 8192-page cache, compiled in C in this run (``tests.bench.wordrle``,
 a model of Xen 4.4's ``xc_compression.c``).  Also: the same codec with
-remus's cache size; remus with the numpy and the pure-Python paths; plain
-LRU admission against admission on second sending; one zstd call per page
+remus's cache size; remus with its C helper, numpy, both, or neither; zstd's
+full-page level on deltas too; plain LRU admission against admission on second sending; one zstd call per page
 against one per batch; and the bytes of the first ten checkpoints (cache
 warm-up).  Nothing is asserted.
 """
@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import zstandard
 
 from remus.sim.spec import _parse_size
 from remus.stream.compression import (
     DEFAULT_CACHE_PAGES,
+    DEFAULT_DELTA_LEVEL,
+    DEFAULT_LEVEL,
+    NATIVE,
     VECTORISED,
     PageCompressor,
     PageDecompressor,
@@ -38,8 +41,10 @@ from tests.bench.streams import Stream, capture, raw_bytes
 Encoder = Callable[[list[PageData]], int]
 
 
-def remus(vectorised: bool, policy: str = "second", cache: int = DEFAULT_CACHE_PAGES) -> Encoder:
-    compressor = PageCompressor(cache, vectorised=vectorised, policy=policy)
+def remus(vectorised: bool, policy: str = "second", cache: int = DEFAULT_CACHE_PAGES, *,
+          native: bool = NATIVE, delta_level: int = DEFAULT_DELTA_LEVEL) -> Encoder:
+    compressor = PageCompressor(cache, vectorised=vectorised, policy=policy, native=native,
+                                delta_level=delta_level)
     return lambda records: sum(len(b.frame) + 16 + 9 * len(b.pfns) for b in compressor.compress(records))
 
 
@@ -84,10 +89,10 @@ def run(make: Callable[[], Encoder], stream: Stream) -> tuple[float, int, int]:
     return time.perf_counter() - start, sum(sizes), sum(sizes[:10])
 
 
-def decode_rate(stream: Stream, vectorised: bool) -> float:
+def decode_rate(stream: Stream, vectorised: bool, native: bool) -> float:
     """MB/s of raw pages the receiver's decompressor restores."""
-    compressor = PageCompressor(vectorised=vectorised)
-    decompressor = PageDecompressor(vectorised=vectorised)
+    compressor = PageCompressor(vectorised=vectorised, native=native)
+    decompressor = PageDecompressor(vectorised=vectorised, native=native)
     image: dict[int, bytes] = {}
     for batch in compressor.compress(stream.first):
         for word, page in decompressor.decompress(batch, image.get):
@@ -119,11 +124,19 @@ def main() -> None:
             methods["word-RLE in C, 16384-page cache"] = lambda: word_rle_c(built, DEFAULT_CACHE_PAGES)
         else:
             methods["word-RLE in Python, 8192 pages (baseline; no C compiler)"] = lambda: word_rle_py(8192)
-        if VECTORISED:
-            methods["remus, numpy (default)"] = lambda: remus(True)
-            methods["remus, numpy, plain LRU"] = lambda: remus(True, "lru")
-            methods["remus, numpy, 8192-page cache"] = lambda: remus(True, cache=8192)
-        methods["remus, pure Python"] = lambda: remus(False)
+        # The default first: the C helper where it is built, numpy where it is installed.
+        default = ", ".join(["C"] * NATIVE + ["numpy"] * VECTORISED) or "pure Python"
+        methods[f"remus, {default} (default)"] = lambda: remus(VECTORISED)
+        if NATIVE and VECTORISED:
+            methods["remus, numpy without C"] = lambda: remus(True, native=False)
+        if NATIVE:
+            methods["remus, C without numpy"] = lambda: remus(False)
+        methods[f"remus, default, zstd {DEFAULT_LEVEL} on deltas too"] = (
+            lambda: remus(VECTORISED, delta_level=DEFAULT_LEVEL))
+        methods["remus, default, plain LRU"] = lambda: remus(VECTORISED, "lru")
+        methods["remus, default, 8192-page cache"] = lambda: remus(VECTORISED, cache=8192)
+        if NATIVE or VECTORISED:
+            methods["remus, pure Python"] = lambda: remus(False, native=False)
         methods["remus XOR, zstd per page"] = lambda: remus_per_page_zstd()
         results: dict[str, tuple[float, int, int]] = {}
         for name, make in methods.items():
@@ -137,9 +150,10 @@ def main() -> None:
         for name, (seconds, size, first) in results.items():
             print(f"{name:44} {size / args.checkpoints / 1024:9.1f} {size / base_b:10.3f} "
                   f"{raw / seconds / 1e6:7.0f} {base_s / seconds:10.2f} {first / base_first:14.3f}")
-        decoders = [("numpy", True)] if VECTORISED else []
-        for label, vectorised in decoders + [("pure Python", False)]:
-            print(f"receiver decode ({label}): {decode_rate(stream, vectorised):.0f} MB/s")
+        decoders = [("C", VECTORISED, True)] if NATIVE else []
+        decoders += [("numpy", True, False)] if VECTORISED else []
+        for label, vectorised, native in decoders + [("pure Python", False, False)]:
+            print(f"receiver decode ({label}): {decode_rate(stream, vectorised, native):.0f} MB/s")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import zstandard
 from remus.backup.session import BackupSession, Committed
 from remus.sim.domain import SIM_DHDR_TYPE
 from remus.sim.spec import SimSpec, _parse_size
-from remus.stream.compression import VECTORISED
+from remus.stream.compression import NATIVE, VECTORISED
 from remus.stream.records import Checkpoint, DomainHeader, PageData, Record, SimVcpu
 from remus.stream.sender import CheckpointEncoder, session_header
 from tests.bench.streams import Stream, capture, raw_bytes
@@ -188,7 +188,7 @@ def main() -> None:
     }
     pipe = mb / best["pipeline (encode + backup)"]
     print(f"pattern={args.pattern}, guest {args.memory}, {args.checkpoints} checkpoints of "
-          f"~{args.dirty} dirty pages ({mb:.0f} MB), best of {args.rounds}, numpy: {VECTORISED}")
+          f"~{args.dirty} dirty pages ({mb:.0f} MB), best of {args.rounds}, numpy: {VECTORISED}, C helper: {NATIVE}")
     overlapped = mb / best["pipeline, overlapped"]
     print(f"{'stage':30} {'MB/s':>9} {'pipeline / this':>16} {'overlapped / this':>18}")
     for name, seconds in best.items():

@@ -55,7 +55,8 @@ check() {
 
 lab_install_remus() {
     # The checkout is read-only; copy it, build the binding against dom0's libxen-dev and
-    # Python (the compiled module must match dom0's Xen release), run it from there.
+    # Python (the compiled module must match dom0's Xen release) and the codec's C helper,
+    # run it from there.
     if [ ! -f $LAB_BUILD/.built ]; then
         rm -rf $LAB_BUILD; mkdir -p $LAB_BUILD
         tar -C "$REMUS_LAB_SRC" --exclude=.git --exclude='.venv*' --exclude=build \

@@ -24,6 +24,9 @@ if ! python3 -c 'from remus.xen import lib; lib.load()' > $OUTD/binding.log 2>&1
     exit 1
 fi
 result xen_binding PASS "remus.xen.lib.load() works in dom0 as root"
+python3 -c 'from remus.stream import compression as c; assert c.NATIVE and c.PageCompressor().native' \
+    > $OUTD/codec.log 2>&1
+check codec_c_helper $? "remus.stream._pages built in dom0 and the codec's default (no numpy here)"
 
 section "the lab's PV guest"
 lab_domu_up
