@@ -1,4 +1,4 @@
-"""Lab helper (dom0): when a process exits, and a SIGKILL stamped with the same clock.
+"""Lab helper (dom0): when a process exits or a log line appears, and a SIGKILL, on one clock.
 
     python3 exitclock.py wait PID FILE   write FILE.ready once watching, then the boot time
                                          (CLOCK_BOOTTIME, /proc/uptime's clock) at which PID
@@ -6,21 +6,31 @@
                                          FILE
     python3 exitclock.py kill PID        SIGKILL PID; print the boot time and the wall time
                                          (Unix seconds) read just before it
+    python3 exitclock.py line FILE REGEX LOG:SKIP...
+                                         write FILE.ready once watching, then the boot time at
+                                         which a line matching REGEX is first seen in a LOG
+                                         beyond its first SKIP lines (a LOG may not exist yet);
+                                         after WAIT_LIMIT_S without one, no FILE
 
 The waiter blocks on a pidfd, so it learns of the exit when the kernel signals it and adds no
 polling load to the emulated dom0 while a failover is being timed: polling with shell commands
-there lagged by up to a second when dom0 was busy.  Never kills anything but the PID it is given.
+there lagged by up to a second when dom0 was busy.  The line watcher reads its logs every
+``LINE_POLL_S`` (they are a guest's console logs, a few kilobytes), so it is started before the
+moment it times and a shell loop does not stand between that moment and the stamp.  Never kills
+anything but the PID it is given, never writes to a LOG.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import sys
 import time
 
 WAIT_LIMIT_S = 120.0
+LINE_POLL_S = 0.02
 
 
 def boottime() -> float:
@@ -42,6 +52,31 @@ def wait(pid: int, path: str) -> int:
     return 0
 
 
+def line(path: str, pattern: str, logs: list[str]) -> int:
+    regex = re.compile(pattern)
+    skips = {}
+    for spec in logs:
+        name, _, skip = spec.rpartition(":")
+        skips[name] = int(skip or 0)
+    with open(path + ".ready", "w", encoding="ascii") as ready:
+        ready.write("ready\n")
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while time.monotonic() < deadline:
+        for name, skip in skips.items():
+            try:
+                with open(name, "rb") as log:
+                    lines = log.read().decode("utf-8", "replace").splitlines()
+            except FileNotFoundError:
+                continue
+            if any(regex.search(text) for text in lines[skip:]):
+                seen = boottime()
+                with open(path, "w", encoding="ascii") as out:
+                    out.write(f"{seen:.3f}\n")
+                return 0
+        time.sleep(LINE_POLL_S)
+    return 1
+
+
 def kill(pid: int) -> int:
     now_boot, now_wall = boottime(), time.time()
     os.kill(pid, signal.SIGKILL)
@@ -54,6 +89,8 @@ def main(argv: list[str]) -> int:
         return wait(int(argv[1]), argv[2])
     if len(argv) == 2 and argv[0] == "kill":
         return kill(int(argv[1]))
+    if len(argv) >= 4 and argv[0] == "line":
+        return line(argv[1], argv[2], argv[3:])
     print(__doc__, file=sys.stderr)
     return 2
 

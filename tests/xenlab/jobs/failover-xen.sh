@@ -102,6 +102,22 @@ clock_exits() {
         poll 0.1 60 test -f "$CLOCKED-${_which%%:*}-exit.ready"
     done
 }
+# clock_line TAG MARKS: from now on, note without a shell loop when the guest's next counter line
+# appears beyond MARKS in either console log; started before the kill, like clock_exits, and read
+# with line_s TAG once has_new_counters saw the line.
+clock_line() {
+    _f=$OUTD/$1-next-line _specs=
+    rm -f "$_f" "$_f.ready"
+    set -- $2
+    for _log in $CONSOLES; do
+        _specs="$_specs $_log:${1:-0}"
+        [ $# -gt 0 ] && shift
+    done
+    python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" line "$_f" 'domU counter [0-9]' $_specs &
+    LINE_PID=$!
+    poll 0.1 60 test -f "$_f.ready"
+}
+line_s() { wait $LINE_PID; after_kill "$OUTD/$1-next-line"; }
 # kill_clocked PRIMARY: SIGKILL it (frozen, its domain destroyed), stamped by the same clock; return
 # once the standby xl exited.  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
 # UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); receiver_exit_s says the
@@ -232,11 +248,16 @@ clock_exits remus $REMUS "$(standby_xl)" $RECEIVER
 kill -STOP $REMUS
 xl destroy domu
 marks=$(console_marks)
+clock_line remus "$marks"
 kill_clocked $REMUS
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
 wait $REMUS 2>/dev/null
 poll_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
+poll_fast 120 has_new_counters "$marks" 1
+printing_s=$(line_s remus)
+# Only now (a python3 start takes a second under emulation): the same work as the peer's part
+# stands between the kill and its guest's next line.
 acked=$(python3 -c 'import json, sys
 seqs = []
 for line in open(sys.argv[1]):
@@ -247,9 +268,6 @@ for line in open(sys.argv[1]):
     if event.get("event") == "checkpoint":
         seqs.append(event["seq"])
 print(max(seqs, default=0))' "$STATS")
-
-poll_fast 120 has_new_counters "$marks" 1
-printing_s=$(since "$t_kill")
 poll_until "$RESTORE_TIMEOUT" gone $RECEIVER
 gone $RECEIVER || fail_and_stop failover_xen "the receiver did not finish within ${RESTORE_TIMEOUT}s of the SIGKILL"
 wait $RECEIVER
@@ -327,13 +345,14 @@ elif [ $runs = 0 ]; then
         kill -STOP $XLREMUS
         xl destroy domu
         marks=$(console_marks)
+        clock_line xl-remus "$marks"
         kill_clocked $XLREMUS
         t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
         wait $XLREMUS 2>/dev/null
         poll_fast 120 runs_as_new "$PEER_OLD"
         xl_running_s=$(since "$t_kill")
         poll_fast 120 has_new_counters "$marks" 1
-        xl_printing_s=$(since "$t_kill")
+        xl_printing_s=$(line_s xl-remus)
         poll_until 30 has_new_counters "$marks" 3
         xl list
         peer_counters=$(new_counters "$marks" | tr '\n' ' ')
