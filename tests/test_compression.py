@@ -176,6 +176,20 @@ def _resident_bytes(slab: object) -> int:
     return sum(b & 1 for b in vector.raw) * mmap.PAGESIZE
 
 
+def test_the_cache_is_shared_memory_so_a_killed_primary_closes_its_socket_first() -> None:
+    """A SIGKILLed process's private memory is freed before its sockets close, shared memory
+    after (docs/standby.md, measured in the lab); a child's write shows the slab is shared."""
+    import os
+
+    cache = PageCache(4)
+    pid = os.fork()
+    if pid == 0:
+        cache.slab[0:5] = b"child"
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert cache.slab[0:5] == b"child"
+
+
 def test_zero_sized_cache_sends_every_page_whole() -> None:
     compressor = PageCompressor(cache_pages=0)
     for _ in range(2):
