@@ -311,9 +311,9 @@ def _encode_native(pages: "bytes | memoryview", first: int, read: Any, write: An
     if len(write) != count or memoryview(pages).nbytes < (first + count) * PAGE_SIZE \
             or memoryview(out).nbytes < count * PAGE_SIZE:
         raise ValueError("pages, slots and output of a segment do not match")
-    source = _ffi.from_buffer("uint8_t[]", pages) + first * PAGE_SIZE
+    source = _ffi.from_buffer("uint8_t[]", pages)  # kept: it holds ``pages`` for the call
     slots = len(slab) // PAGE_SIZE
-    if _lib.remus_encode_pages(source, count, _int64s(read), _int64s(write),
+    if _lib.remus_encode_pages(source + first * PAGE_SIZE, count, _int64s(read), _int64s(write),
                                _ffi.from_buffer("uint8_t[]", slab, require_writable=True), slots,
                                _ffi.from_buffer("uint8_t[]", out, require_writable=True)) != 0:
         raise AssertionError("page cache slot out of range")  # PageCache gives slots below capacity
