@@ -24,21 +24,31 @@ from typing import Optional, Protocol
 
 
 class StopFlag:
-    """Set once (by a signal handler or a test) to end the engine at the next epoch boundary."""
+    """Set once (by a signal handler or a test) to end the engine at the next epoch boundary.
+
+    ``set``/``hurry`` wake every waiter at once, but take the lock inside a
+    ``threading.Event``: never call them from a signal handler, which runs in
+    the main thread and can land while that thread holds the same lock (a wait
+    that is waking, or a first handler still in ``set``), and would then wait
+    for itself forever.  A handler calls ``request`` instead, which takes no
+    lock, and has ``wake`` called from another thread (``remus.signals``).
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self._urgent = threading.Event()
+        self._requested = False
+        self._requested_urgent = False
         self.reason: Optional[str] = None
 
     def set(self, reason: str) -> None:
-        """Request a stop; only the first reason is kept.  Safe in a signal handler."""
+        """Request a stop; only the first reason is kept.  Not from a signal handler (``request``)."""
         if self.reason is None:
             self.reason = reason
         self._event.set()
 
     def hurry(self, reason: str) -> None:
-        """Request a stop that cuts waits short (a second signal).  Safe in a signal handler.
+        """Request a stop that cuts waits short (a second signal).  Not from a signal handler.
 
         Blocking waits that watch ``urgent`` (connecting, waiting for an ack)
         give up at once; nothing is torn down from here.
@@ -46,17 +56,34 @@ class StopFlag:
         self.set(reason)
         self._urgent.set()
 
+    def request(self, reason: str, urgent: bool = False) -> None:
+        """``set`` (or with ``urgent``, ``hurry``) as seen by ``is_set``, ``urgent`` and a
+        ``wait`` that starts after it, taking no lock: safe in a signal handler.  A wait
+        already under way ends only once ``wake`` runs."""
+        if self.reason is None:
+            self.reason = reason
+        if urgent:
+            self._requested_urgent = True
+        self._requested = True
+
+    def wake(self) -> None:
+        """Pass what ``request`` recorded on to the waiters (from a thread, never a handler)."""
+        if self._requested:
+            self._event.set()
+        if self._requested_urgent:
+            self._urgent.set()
+
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._requested or self._event.is_set()
 
     @property
     def urgent(self) -> bool:
         """True once ``hurry`` was called."""
-        return self._urgent.is_set()
+        return self._requested_urgent or self._urgent.is_set()
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``; True if the flag was set."""
-        return self._event.wait(max(0.0, timeout_s))
+        return self._requested or self._event.wait(max(0.0, timeout_s))
 
 
 class Clock(Protocol):

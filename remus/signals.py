@@ -1,21 +1,28 @@
 """SIGINT and SIGTERM as stop requests.
 
-``stop_on_signals`` installs handlers that only set a ``StopFlag`` (the
-engine acts on it at the next epoch boundary) and restores the previous
-handlers on the way out, unless a signal came: then the process is on its
+``stop_on_signals`` installs handlers that only record a stop request on a
+``StopFlag`` (the engine acts on it at the next epoch boundary) and restores
+the previous handlers on the way out, unless a signal came: then the process is on its
 way out, and from there on SIGINT and SIGTERM are ignored, so that a late
-second Ctrl-C cannot turn an orderly end into an abort.  A second signal while a stop is pending calls
-``StopFlag.hurry``: waits that watch it (connecting, the session's
+second Ctrl-C cannot turn an orderly end into an abort.  A second signal while a stop is pending
+makes the request urgent (``StopFlag.urgent``): waits that watch it (connecting, the session's
 acceptance, a checkpoint's ack) end at once, and the engine goes straight to
 its orderly end (resume the domain, CLOSE, then release the output).  No
 handler ever raises: an exception thrown from a handler could land in the
 middle of a record being written, and a backup that reads half a record
-followed by nothing would take the primary for dead.
+followed by nothing would take the primary for dead.  And no handler takes a
+lock: a handler runs in the main thread, between two of its bytecodes, and a
+lock that thread already holds (the one inside the flag's ``threading.Event``,
+held for a moment by a wait that is waking or by a first handler that a second
+signal interrupted) would never be released.  The handler records the request
+without a lock (``StopFlag.request``) and writes a byte to a pipe; a relay
+thread reading it wakes the waiters (``StopFlag.wake``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from types import FrameType
@@ -26,9 +33,23 @@ from remus.clock import StopFlag
 _SIGNALS: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
+def _relay(read_fd: int, stop: StopFlag) -> None:
+    """Wake ``stop``'s waiters for every byte a handler wrote, until the pipe closes."""
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        stop.wake()
+
+
 @contextlib.contextmanager
 def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
-    """Turn SIGINT/SIGTERM into ``stop.set(name)`` (the second one: ``stop.hurry``)
+    """Turn SIGINT/SIGTERM into a stop request on ``stop`` (the second one: an urgent one)
     for the duration of the block.
 
     Outside the main thread (where Python cannot install handlers) it installs
@@ -39,14 +60,18 @@ def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
         return
 
     signalled = []
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    relay = threading.Thread(target=_relay, args=(read_fd, stop), name="remus-signal-relay", daemon=True)
+    relay.start()
 
     def handler(signum: int, frame: Optional[FrameType]) -> None:
         signalled.append(signum)
-        name = _SIGNALS.get(signum, str(signum))
-        if stop.is_set():
-            stop.hurry(name)
-        else:
-            stop.set(name)
+        stop.request(_SIGNALS.get(signum, str(signum)), urgent=stop.is_set())
+        try:
+            os.write(write_fd, b"!")
+        except OSError:  # full (the relay is behind: it wakes the waiters anyway) or closed
+            pass
 
     previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
     try:
@@ -54,3 +79,6 @@ def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, signal.SIG_IGN if signalled else old)
+        os.close(write_fd)
+        relay.join(5.0)
+        os.close(read_fd)
