@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -43,10 +42,15 @@ def test_a_signal_ends_a_wait_under_way_and_a_second_makes_it_urgent() -> None:
     try:
         with stop_on_signals(stop):
             waiting = threading.Event()
+            main = threading.main_thread().ident
+            assert main is not None
 
             def signal_once_waiting() -> None:
                 waiting.wait(30)
-                os.kill(os.getpid(), signal.SIGTERM)
+                # To the main thread, as a terminal's signal usually lands: a process-directed
+                # one may go to any thread, and CPython runs the handler only when the main
+                # thread next runs (a bounded wait there ends by its timeout, not at once).
+                signal.pthread_kill(main, signal.SIGTERM)
 
             sender = threading.Thread(target=signal_once_waiting)
             sender.start()
