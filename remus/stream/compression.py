@@ -319,6 +319,13 @@ def _encode_native(pages: "bytes | memoryview", first: int, read: Any, write: An
         raise AssertionError("page cache slot out of range")  # PageCache gives slots below capacity
 
 
+def _entries_numpy(words: list[int]) -> tuple[Any, Any]:
+    """PAGE_DATA words as a uint64 array, and which of them are followed by a page
+    (``page_type_has_data`` over the array)."""
+    entries = np.array(words, dtype=np.uint64)
+    return entries, (entries >> np.uint64(60)) < _FIRST_NO_DATA_NIBBLE
+
+
 def _segments_numpy(pfns: Any) -> list[tuple[int, int]]:
     """``_segments`` of an array (one sort to see that no PFN repeats, the usual case)."""
     if len(pfns) < 2 or bool((np.diff(np.sort(pfns)) != 0).all()):
@@ -369,8 +376,7 @@ class PageCompressor:
     def _data_pages(self, words: list[int]) -> int:
         """How many of these PAGE_DATA words are followed by a page."""
         if self.vectorised:
-            entries = np.array(words, dtype=np.uint64)
-            return int(np.count_nonzero((entries >> np.uint64(60)) < _FIRST_NO_DATA_NIBBLE))
+            return int(np.count_nonzero(_entries_numpy(words)[1]))
         return sum(map(page_type_has_data, words))
 
     def _compress(self, payload: "bytes | bytearray | memoryview", xor_pages: int, data_pages: int) -> bytes:
@@ -396,8 +402,7 @@ class PageCompressor:
     def _batch_numpy(self, words: list[int], pages: list["bytes | memoryview"]) -> PageBatch:
         """``_batch`` over arrays: the same decisions and bytes, no per-page Python work
         beyond one ``join`` of the pages (a C loop) into the batch's input."""
-        entries = np.array(words, dtype=np.uint64)
-        has_data = (entries >> np.uint64(60)) < _FIRST_NO_DATA_NIBBLE
+        entries, has_data = _entries_numpy(words)
         every = bool(has_data.all())
         pfns = (entries & np.uint64(PAGE_DATA_PFN_MASK)).astype(np.int64)
         if not every:
