@@ -5,6 +5,7 @@
 #   lab_install_remus                      build the project (and its cffi Xen binding) once
 #                                          per boot in /tmp/remus and cd there; see `remus`
 #   lab_domu_up                            the lab's PV guest "domu" running, counter ticking
+#   lab_xl_create NAME CFG [OPTION...]     `xl create -q` a guest, retried (see below)
 #   domu_counter / domu_state              its last console counter; its `xl list` state
 #   guest_runs                             domu runs (r or b, never s or p) over a few looks
 #   lab_resume DOMID                       resume a guest left suspended, with remus's own code
@@ -96,9 +97,23 @@ xl_state() {  # the state column of `xl list NAME` (r-----, -b----, ---ss-, ...)
 
 domu_state() { xl_state domu; }
 
+# lab_xl_create NAME CFG [OPTION...]: `xl create -q OPTION... CFG` for the guest NAME, three tries.
+# libxl gives xenconsoled 10 s to publish a new guest's console tty and otherwise destroys the
+# guest; early in a TCG boot xenconsoled once took 12.5 s. A failed try is reported, its leftovers
+# destroyed, and the create tried again.
+lab_xl_create() {
+    _name=$1 _cfg=$2 _try=1; shift 2
+    until xl create -q "$@" "$_cfg"; do
+        echo "xl create $_name: try $_try of 3 failed (dom0 uptime $(uptime_s) s)"
+        xl destroy "$_name" 2>/dev/null
+        [ $_try -lt 3 ] || return 1
+        _try=$((_try + 1))
+    done
+}
+
 lab_domu_up() {
     if ! xl domid domu > /dev/null 2>&1; then
-        xl create -q $DOMU_CFG || return 1
+        lab_xl_create domu $DOMU_CFG || return 1
     fi
     _i=0
     while [ $_i -lt 120 ]; do

@@ -96,7 +96,7 @@ modprobe nbd || ok=1
 install -m 755 $LAB_BUILD/contrib/hotplug/block-remus /etc/xen/scripts/block-remus || ok=1
 build_domd || ok=1
 rm -rf $REPLICA_ROOT $DOMD_CONSOLE $STANDBY_CONSOLE
-[ $ok = 0 ] && xl create -q $DOMD_CFG || ok=1
+[ $ok = 0 ] && lab_xl_create domd $DOMD_CFG || ok=1
 counting() { [ "$(domd_counter)" ] && [ "$(domd_counter)" -ge "$1" ]; }
 if [ $ok = 0 ]; then poll_until 180 counting 20 || ok=1; fi
 DOMD_ID=$(xl domid domd 2>/dev/null)
@@ -111,7 +111,7 @@ truncate -s 16M $LAB/domr.img
 modprobe loop  # xl's own block script puts a plain file on a loop device
 sed -e 's/^name = .*/name = "domr"/' -e 's/,script=block-remus//' -e "s#$DATA#$LAB/domr.img#" \
     $DOMD_CFG > $LAB/domr.cfg
-xl create -q -p $LAB/domr.cfg
+lab_xl_create domr $LAB/domr.cfg -p
 out=$(remus -i 200 domr 127.0.0.1 2>&1); rc=$?
 xl destroy domr
 lines=$(printf '%s\n' "$out" | grep -c '')

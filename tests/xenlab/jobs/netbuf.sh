@@ -118,7 +118,7 @@ EOF
     echo "vif = [ 'bridge=xenbr0,mac=00:16:3e:5e:00:02' ]" >> $GUEST_DIR/guest.cfg
     ip link add xenbr0 type bridge && ip addr add 10.99.0.1/24 dev xenbr0 &&
         ip -6 addr add fd99::1/64 dev xenbr0 nodad && ip link set xenbr0 up || return 1
-    xl create $GUEST_DIR/guest.cfg
+    lab_xl_create $GUEST $GUEST_DIR/guest.cfg
 }
 
 guest_state() { xl_state $GUEST; }
