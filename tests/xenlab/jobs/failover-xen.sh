@@ -241,8 +241,11 @@ incoming_mem=$(xl list domu--incoming 2>/dev/null | awk 'NR == 2 {print $3}')
 rss=$(rss_mib $RECEIVER) hwm=$(hwm_mib $RECEIVER)
 primary_rss=$(rss_mib $REMUS) primary_hwm=$(hwm_mib $REMUS)
 # Where the primary's resident memory is, by mapping (its exit time grows with it): kept in OUTD.
-awk '/^[0-9a-f]+-[0-9a-f]+ / {name = ($6 == "" ? "[anon]" : $6)} /^Rss:/ {kb[name] += $2}
-     END {for (n in kb) if (kb[n] >= 1024) printf "%6.1f MiB %s\n", kb[n] / 1024, n}' \
+# Anonymous mappings are told apart by size (malloc's thread arenas reserve 64 MiB each, the
+# interpreter's small-object arenas are 1 MiB, large buffers get mappings of their own).
+awk '/^[0-9a-f]+-[0-9a-f]+ / {name = $6} /^Size:/ {if (name == "") name = sprintf("[anon, %.1f MiB mappings]", $2 / 1024)}
+     /^Rss:/ {kb[name] += $2; n[name]++}
+     END {for (k in kb) if (kb[k] >= 1024) printf "%6.1f MiB %s x%d\n", kb[k] / 1024, k, n[k]}' \
     /proc/$REMUS/smaps 2>/dev/null | sort -rn > $OUTD/failover-primary-smaps.txt
 guest_mib=$(xl list domu | awk 'NR == 2 {print $3}')
 echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
