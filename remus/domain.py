@@ -3,7 +3,7 @@
 A ``Domain`` is a running guest the engine can stop, copy and restart.  The
 engine drives it strictly in this order, once per checkpoint::
 
-    suspend()  ->  capture()  ->  resume()
+    prepare_suspend()  ->  suspend()  ->  capture()  ->  resume()
 
 and calls ``close()`` exactly once at the end, on every exit path, after
 ``hold()`` when the backup may already run the guest.  Kinds of
@@ -68,6 +68,15 @@ class Domain(Protocol):
 
         With ``net_buffering`` False the domain's output must pass unbuffered.
         ``interval_ms`` lets a buffer size itself for one epoch's output.
+        """
+
+    def prepare_suspend(self) -> None:
+        """Wait until the guest can be stopped at once; never stops it.
+
+        A Xen domain's first checkpoint begins here with libxc's live copy of the
+        whole guest, which can take minutes while the guest runs; the engine times
+        the checkpoint's pause from the return of this call.  Other domains return
+        at once.  Raises ``DomainError``.
         """
 
     def suspend(self) -> None:

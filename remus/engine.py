@@ -2,6 +2,8 @@
 
 Theory of operation.  Each checkpoint runs these steps, in this order::
 
+    domain.prepare_suspend()    the domain is ready to stop (Xen, first checkpoint: libxc's
+                                live precopy, the guest running); the pause is timed from here
     domain.suspend()            the guest stops
     devices.postsuspend()       a new output epoch begins (plug)
     domain.capture()            dirty pages and state are copied
@@ -215,6 +217,7 @@ class Engine:
     def _checkpoint(self, seq: int) -> tuple[float, int]:
         """Run checkpoint ``seq``; return when the next one is due, and its raw bytes."""
         clock = self.clock
+        self._step("suspend", seq, self.domain.prepare_suspend)
         wall_suspend = time.time()
         t_suspend = clock.now()
         self._step("suspend", seq, self.domain.suspend)

@@ -41,13 +41,14 @@ class Fault:
 
 
 class FakeDomain:
-    """Domain protocol over a call log.  ``capture_s`` and ``pause_s`` advance the fake clock."""
+    """Domain protocol over a call log.  ``prepare_s`` and ``capture_s`` advance the fake clock."""
 
     def __init__(self, log: CallLog, clock: FakeClock, *, capture_s: float = 0.0,
-                 send_s: float = 0.0, fault: Optional[Fault] = None,
+                 send_s: float = 0.0, prepare_s: float = 0.0, fault: Optional[Fault] = None,
                  on_call: Optional[Callable[[str, int], None]] = None) -> None:
         self.log, self.clock = log, clock
         self.capture_s = capture_s
+        self.prepare_s = prepare_s
         self.fault = fault
         self.on_call = on_call
         self._suspended = False
@@ -72,6 +73,10 @@ class FakeDomain:
 
     def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
         return []
+
+    def prepare_suspend(self) -> None:
+        """Advances the fake clock by ``prepare_s`` (a live copy before the pause); not logged."""
+        self.clock.advance(self.prepare_s)
 
     def suspend(self) -> None:
         self.seq += 1

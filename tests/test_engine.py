@@ -42,6 +42,7 @@ def make(
     timer: bool = False,
     capture_s: float = 0.0,
     send_s: float = 0.0,
+    prepare_s: float = 0.0,
     domain_fault: Optional[Fault] = None,
     device_fault: Optional[Fault] = None,
     channel_fault: Optional[Fault] = None,
@@ -49,7 +50,7 @@ def make(
     log = CallLog()
     clock = FakeClock()
     stop = StopFlag()
-    domain = FakeDomain(log, clock, capture_s=capture_s, fault=domain_fault)
+    domain = FakeDomain(log, clock, capture_s=capture_s, prepare_s=prepare_s, fault=domain_fault)
     devices = [
         FakeDevice(log, "disk", fault=device_fault, seq=lambda: domain.seq),
         FakeDevice(log, "nic", fault=device_fault, seq=lambda: domain.seq),
@@ -79,6 +80,14 @@ def test_callback_order_per_checkpoint() -> None:
     assert [s.seq for s in seen] == [1, 2, 3]
     assert not domain.suspended
     assert channel.closed_with == "primary stopped: test" and not channel.close_error
+
+
+def test_the_pause_is_timed_from_when_the_domain_can_stop() -> None:
+    # A Xen domain's first checkpoint waits through libxc's live copy (the guest running) before
+    # it suspends: 30 s of that is not pause.  The 10 ms capture is.
+    engine, _log, _clock, _d, _dev, _ch, seen = make(checkpoints=2, prepare_s=30.0, capture_s=0.01)
+    engine.run()
+    assert [round(s.pause_ms, 6) for s in seen] == [10.0, 10.0]
 
 
 def test_checkpoints_are_framed_with_sequence_numbers() -> None:

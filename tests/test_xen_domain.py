@@ -59,6 +59,33 @@ def test_first_capture_starts_with_the_libxc_headers() -> None:
     assert not guest.is_suspended
 
 
+def test_prepare_suspend_waits_for_libxc_once() -> None:
+    # The engine waits for libxc's request (the live precopy, the first time) before it times
+    # the pause; suspend() must then not ask again (a second answer to libxc's checkpoint
+    # callback would be left over for the next one).
+    domain, guest = make_domain(FakeLibxc())
+    asked = []
+    wait = domain._saver.wait_for_suspend_request
+
+    def counted() -> None:
+        asked.append(1)
+        wait()
+
+    domain._saver.wait_for_suspend_request = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            domain.prepare_suspend()
+            domain.prepare_suspend()
+            assert not guest.is_suspended
+            domain.suspend()
+            domain.capture()
+            domain.resume()
+    finally:
+        domain.close()
+    assert guest.log.count("suspend") == 2 and len(asked) == 2
+    assert not guest.is_suspended
+
+
 class Interrupting:
     """A device whose postsuspend raises, as a second Ctrl-C would, while the guest is suspended."""
 

@@ -246,6 +246,9 @@ class SimulatedDomain:
         assert self.disk is not None
         return [self.disk.device, output]  # disks first
 
+    def prepare_suspend(self) -> None:
+        """Nothing to wait for: the simulated guest stops on request."""
+
     def suspend(self) -> None:
         self._command(b"s", b"S")
         self._suspended = True

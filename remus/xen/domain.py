@@ -116,6 +116,7 @@ class XenDomain:
         self._closed = False
         self._holding = False
         self._late_suspend_possible = False
+        self._suspend_requested = False
 
     # -- Domain protocol -----------------------------------------------------------------
     @property
@@ -132,11 +133,20 @@ class XenDomain:
             return []
         return self._net_devices(net_buffering, interval_ms)
 
-    def suspend(self) -> None:
-        """Suspend the guest at libxc's request.  Raises ``DomainError``."""
+    def prepare_suspend(self) -> None:
+        """Wait for libxc to ask for the suspend (the first time: start the save and wait
+        through its live precopy, the guest running).  Raises ``DomainError``."""
         if self._closed:
             raise DomainError(f"domain {self.ref.name}: already closed")
-        self._saver.wait_for_suspend_request()
+        if not self._suspend_requested:
+            self._saver.wait_for_suspend_request()
+            self._suspend_requested = True
+
+    def suspend(self) -> None:
+        """Suspend the guest at libxc's request (waiting for it, unless ``prepare_suspend``
+        already did).  Raises ``DomainError``."""
+        self.prepare_suspend()
+        self._suspend_requested = False
         try:
             self._suspender.suspend(self.suspend_timeout_s)
         except BaseException:

@@ -88,6 +88,9 @@ class ProcessDomain:
     def devices(self, net_buffering: bool, interval_ms: int = 0) -> Sequence[CheckpointDevice]:
         return []
 
+    def prepare_suspend(self) -> None:
+        pass
+
     def suspend(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
         self._suspended = True
