@@ -13,7 +13,7 @@ Theory of operation.  Each checkpoint runs these steps, in this order::
     channel.send()              the checkpoint, framed (and compressed), goes out
     channel.wait_for_ack()      the backup holds it
     devices.commit()            the epoch the checkpoint closed is released
-    release_memory()            only after a large one (the first): see remus.heap
+    release_memory()            after a large one (the first), and every 10 s: see remus.heap
     wait                        until the pacer says the next checkpoint is due
 
 A stop request (``StopFlag``, set by SIGINT/SIGTERM in the front end) is
@@ -93,7 +93,8 @@ class Engine:
         session, before anything is released; it raises ``HoldStill`` unless the backup
         is fenced (``remus --fence``).  Without it the output is released at once.
         ``release_memory()`` runs after a checkpoint large enough to leave much freed
-        memory behind (``remus.heap.worth_trimming``), once its buffers are dropped."""
+        memory behind, once its buffers are dropped, and after a checkpoint every
+        ``remus.heap.TRIM_EVERY_S`` (``remus.heap.TrimSchedule``)."""
         if interval_ms <= 0:
             raise ValueError("interval_ms must be positive")
         self.domain = domain
@@ -159,10 +160,11 @@ class Engine:
         self.channel.open(session_header(dict(self.session, domain=info.name, kind=info.kind, **info.details)))
         self.opened = True
         next_start = self.clock.now()
+        trims = heap.TrimSchedule(next_start)
         while self.clock.wait_until(next_start, self.stop):
             self.seq += 1
             next_start, raw_bytes = self._checkpoint(self.seq)
-            if heap.worth_trimming(raw_bytes):  # the checkpoint's buffers went with its frame
+            if trims.due(raw_bytes, self.clock.now()):  # the checkpoint's buffers went with its frame
                 self._release_memory()
 
     @staticmethod

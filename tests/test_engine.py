@@ -369,3 +369,15 @@ def test_memory_is_released_after_a_large_checkpoint_once_its_pages_are_dropped(
     at = log.index("release_memory")
     assert log[at - 2 : at] == ["channel.ack", "channel.contact"] and log[at + 1] == "domain.suspend"
     assert domain.captures
+
+
+def test_memory_is_released_every_ten_seconds_after_a_checkpoint() -> None:
+    # Small checkpoints 4 s apart (t = 0, 4, ... 24): a trim after those at 12 and 24 s.
+    log, clock, stop = CallLog(), FakeClock(), StopFlag()
+    start = clock.now()
+    released: list[float] = []
+    engine = Engine(FakeDomain(log, clock), FakeChannel(log, clock), interval_ms=4000, clock=clock,
+                    stop=stop, on_checkpoint=stop_after(stop, 7),
+                    release_memory=lambda: released.append(clock.now() - start))
+    engine.run()
+    assert released == [pytest.approx(12.0), pytest.approx(24.0)]

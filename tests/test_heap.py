@@ -41,3 +41,15 @@ def test_trim_returns_freed_pages_to_the_system() -> None:
 def test_only_large_checkpoints_are_worth_a_trim() -> None:
     assert heap.worth_trimming(heap.TRIM_AFTER_BYTES)
     assert not heap.worth_trimming(heap.TRIM_AFTER_BYTES - 1)
+
+
+def test_the_primary_trims_after_a_large_checkpoint_and_then_every_so_often() -> None:
+    schedule = heap.TrimSchedule(now=100.0, every_s=10.0)
+    assert schedule.due(heap.TRIM_AFTER_BYTES, 100.5)  # the first checkpoint
+    assert not schedule.due(4096, 101.0)
+    assert not schedule.due(4096, 110.4)
+    assert schedule.due(4096, 110.5)  # 10 s after the last trim
+    assert not schedule.due(4096, 115.0)
+    assert schedule.due(heap.TRIM_AFTER_BYTES, 115.0)  # a large one trims at once
+    assert not schedule.due(4096, 124.9)
+    assert schedule.due(4096, 125.0)
