@@ -5,7 +5,8 @@
 #
 # DOM0_SCRIPT (e.g. tests/xenlab/jobs/suite.sh) runs in dom0 under sh, with cwd the project
 # checkout (read-only, /mnt/remus) and REMUS_LAB_SRC / REMUS_LAB_OUT (this run's results
-# directory, writable) in its environment.  Its output streams here as it runs and ends up in
+# directory, writable) in its environment, with the caller's REMUS_LAB_* and *_PARTS variables
+# (plain values only).  Its output streams here as it runs and ends up in
 # RESULTS_DIR/job.log next to the lab's own logs (RESULTS_DIR/lab-logs: guest consoles, dom0
 # dmesg, xl dmesg; RESULTS_DIR/serial.log: Xen's and dom0's consoles).  The last line printed
 # is "results: RESULTS_DIR"; the exit status is the job's (124: it timed out; 125: the lab did
@@ -21,7 +22,7 @@ JOB=; TIMEOUT_S=1200
 while [ $# -gt 0 ]; do
     case $1 in
         -t) [ $# -ge 2 ] || usage; TIMEOUT_S=$2; shift 2 ;;
-        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
         -*) usage ;;
         *) [ -z "$JOB" ] || usage; JOB=$1; shift ;;
     esac
@@ -39,6 +40,13 @@ cp "$JOB" "$RUN/job.sh"
 # dom0 stops the job a minute before QEMU's own deadline, so its logs still get copied back.
 JOB_TIMEOUT=$(( TIMEOUT_S > 180 ? TIMEOUT_S - 60 : TIMEOUT_S * 2 / 3 ))
 echo "JOB_TIMEOUT=$JOB_TIMEOUT" > "$RUN/job.env"
+# The job's knobs (REMUS_LAB_PAIRS, REMUS_LAB_FAILOVER_MORE, FAILOVER_PARTS, ...) reach dom0 too,
+# when their values are plain words.
+for name in $(compgen -e | grep -E '^(REMUS_LAB_[A-Z_]+|[A-Z]+_PARTS)$' | grep -v -x -e REMUS_LAB_SRC -e REMUS_LAB_OUT); do
+    value=${!name}
+    [[ $value =~ ^[A-Za-z0-9_.,:/\ -]*$ ]] || { lab_log "$name not passed to dom0: not a plain value"; continue; }
+    echo "export $name='$value'" >> "$RUN/job.env"
+done
 qemu-img create -q -f qcow2 -b "$OUT/rootfs.img" -F raw "$RUN/overlay.qcow2"
 
 XEN_ARGS="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all"
