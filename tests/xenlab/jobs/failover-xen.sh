@@ -130,9 +130,11 @@ kill_clocked() {
 }
 after_kill() { [ -s "$1" ] && awk -v k="$T_KILL" '{printf "%.2f", $1 - k}' "$1" || echo nan; }
 receiver_exit_s() { after_kill "$OUTD/$1-receiver-exit"; }
-# the standby's xl migrate-receive -r (the only one running when the primary is killed; anchored,
-# since `xl remus ... domu 'xl migrate-receive -r'` carries the same words in its own command line)
-standby_xl() { pgrep -f '^[^ ]*xl migrate-receive -r' | head -1; }
+# the standby's xl migrate-receive -r (the newest: a standby of `xl remus` that never completed
+# can outlive its part; anchored, since `xl remus ... domu 'xl migrate-receive -r'` carries the same
+# words in its own command line)
+STANDBY_XL_PATTERN='^[^ ]*xl migrate-receive -r'
+standby_xl() { pgrep -n -f "$STANDBY_XL_PATTERN"; }
 # runs_as_new DOMID: domu exists under another id than DOMID and runs (r or b)
 runs_as_new() {
     _id=$(xl domid domu 2>/dev/null)
@@ -389,7 +391,9 @@ else
     result xl_remus_failover SKIP "remus's failed-over guest does not run"
 fi
 
-# A fresh domu (logging to guest-domu.log) for the jobs after this one.
+# A fresh domu (logging to guest-domu.log) for the jobs after this one; no standby xl left behind
+# (one of `xl remus` that did not complete stays, and a later run would clock it).
+pkill -KILL -f "$STANDBY_XL_PATTERN"
 for name in domu domu--incoming; do xl destroy $name > /dev/null 2>&1; done
 lab_domu_up || result failover_cleanup FAIL "a fresh domu did not come up"
 exit $FAILS
