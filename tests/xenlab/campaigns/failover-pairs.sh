@@ -46,7 +46,7 @@ done
 
 section "failover pairs: remus against xl remus, SIGKILL to the standby's unpause and to the guest's next line"
 python3 - $TABLE <<'EOF'
-import math, statistics, sys
+import statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 head, rows = rows[0], rows[1:]
 print("  ".join(f"{h:>18}" for h in head))
@@ -54,7 +54,7 @@ for row in rows:
     print("  ".join(f"{c:>18}" for c in row))
 def column(name):
     k = head.index(name)
-    return [float(r[k]) for r in rows if r[k] != "nan" and not math.isnan(float(r[k]))]
+    return [float(r[k]) for r in rows if r[k] != "nan"]  # "nan": not measured
 def med(name):
     values = column(name)
     return (statistics.median(values), len(values)) if values else (float("nan"), 0)
