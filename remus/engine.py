@@ -13,7 +13,8 @@ Theory of operation.  Each checkpoint runs these steps, in this order::
     channel.send()              the checkpoint, framed (and compressed), goes out
     channel.wait_for_ack()      the backup holds it
     devices.commit()            the epoch the checkpoint closed is released
-    release_memory()            after a large one (the first), and every 10 s: see remus.heap
+    release_memory()            after a large one (the first), and every 10 s: see remus.heap;
+                                the compression cache is unmapped then too (contents kept)
     wait                        until the pacer says the next checkpoint is due
 
 A stop request (``StopFlag``, set by SIGINT/SIGTERM in the front end) is
@@ -166,6 +167,7 @@ class Engine:
             next_start, raw_bytes = self._checkpoint(self.seq)
             if trims.due(raw_bytes, self.clock.now()):  # the checkpoint's buffers went with its frame
                 self._release_memory()
+                self.encoder.unmap_cache()
 
     @staticmethod
     def _ending_message(exc: BaseException) -> str:

@@ -176,6 +176,43 @@ def _resident_bytes(slab: object) -> int:
     return sum(b & 1 for b in vector.raw) * mmap.PAGESIZE
 
 
+def test_unmapping_the_cache_drops_its_mappings_and_keeps_its_pages() -> None:
+    """After ``unmap_cache`` the slab maps nothing, and the next checkpoint is the same bytes
+    as without it: every page is still there to XOR against."""
+    kept, unmapped = PageCompressor(cache_pages=4096), PageCompressor(cache_pages=4096)
+    n = 100
+    first = [PageData(tuple(range(n)), tuple(page_of(i % 7, []) for i in range(n)))]
+    again = [PageData(tuple(range(n)), tuple(page_of(i % 7, [(i, 1)]) for i in range(n)))]
+    for compressor in (kept, unmapped):
+        list(compressor.compress(first))
+    assert _mapped_bytes(unmapped.cache.slab) == n * PAGE_SIZE
+    unmapped.unmap_cache()
+    assert _mapped_bytes(unmapped.cache.slab) == 0
+    batches = list(unmapped.compress(again))
+    assert batches == list(kept.compress(again))
+    assert _mapped_bytes(unmapped.cache.slab) == n * PAGE_SIZE
+    assert unmapped.cache.hits == n
+
+
+def _mapped_bytes(slab: object) -> int:
+    """How much of a mapping this process maps (its Rss in /proc/self/smaps)."""
+    import ctypes
+    import mmap
+
+    assert isinstance(slab, mmap.mmap)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(slab))
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("the slab is not mapped")
+
+
 def test_the_cache_is_shared_memory_so_a_killed_primary_closes_its_socket_first() -> None:
     """A SIGKILLed process's private memory is freed before its sockets close, shared memory
     after (docs/standby.md, measured in the lab); a child's write shows the slab is shared."""

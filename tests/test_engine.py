@@ -379,5 +379,14 @@ def test_memory_is_released_every_ten_seconds_after_a_checkpoint() -> None:
     engine = Engine(FakeDomain(log, clock), FakeChannel(log, clock), interval_ms=4000, clock=clock,
                     stop=stop, on_checkpoint=stop_after(stop, 7),
                     release_memory=lambda: released.append(clock.now() - start))
+    unmapped: list[float] = []
+    unmap = engine.encoder.unmap_cache
+
+    def unmap_cache() -> None:
+        unmapped.append(clock.now() - start)
+        unmap()
+
+    engine.encoder.unmap_cache = unmap_cache  # type: ignore[method-assign]
     engine.run()
     assert released == [pytest.approx(12.0), pytest.approx(24.0)]
+    assert unmapped == released  # the compression cache's mappings go with the heap's free pages

@@ -144,6 +144,17 @@ class PageCache:
             self._slots: "OrderedDict[int, int]" = OrderedDict()
             self._seen = bytearray()
 
+    def unmap(self) -> None:
+        """Drop the slab's page-table entries; its contents stay, and the next access maps them back.
+
+        The pages live on in the shared mapping's memory, so nothing cached is lost; what
+        goes is the per-page mapping a killed process must tear down before its sockets
+        close (docs/standby.md).  Never frees a cached page, and does nothing for a
+        zero-capacity cache.
+        """
+        if isinstance(self.slab, mmap.mmap):
+            self.slab.madvise(mmap.MADV_DONTNEED)
+
     def __len__(self) -> int:
         if self.vectorised:
             return int((self._pfn_of >= 0).sum())
@@ -357,6 +368,10 @@ class PageCompressor:
         self._work: Any = None
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._delta_cctx = zstandard.ZstdCompressor(level=delta_level, write_content_size=True)
+
+    def unmap_cache(self) -> None:
+        """Unmap the cache's pages, keeping their contents (``PageCache.unmap``)."""
+        self.cache.unmap()
 
     def compress(self, records: Iterable[PageData]) -> Iterator[PageBatch]:
         """Batches carrying exactly the pages of ``records``, in the same order."""

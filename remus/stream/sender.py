@@ -91,6 +91,11 @@ class CheckpointEncoder:
         self._compressor = PageCompressor(cache_pages) if compression else None
         self._digest = CommitDigest()
 
+    def unmap_cache(self) -> None:
+        """Unmap the compression cache's pages, keeping their contents; between checkpoints only."""
+        if self._compressor is not None:
+            self._compressor.unmap_cache()
+
     def encode(self, seq: int, records: Sequence[Record], captured_unix: Optional[float] = None) -> EncodedCheckpoint:
         """Frame checkpoint ``seq`` at once; ``captured_unix`` is the wall-clock time of its
         suspend (default: now), which the COMMIT carries."""
