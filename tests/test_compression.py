@@ -177,7 +177,7 @@ def _resident_bytes(slab: object) -> int:
 
 
 def test_unmapping_the_cache_drops_its_mappings_and_keeps_its_pages() -> None:
-    """After ``unmap_cache`` the slab maps nothing, and the next checkpoint is the same bytes
+    """After ``PageCache.unmap`` the slab maps nothing, and the next checkpoint is the same bytes
     as without it: every page is still there to XOR against."""
     kept, unmapped = PageCompressor(cache_pages=4096), PageCompressor(cache_pages=4096)
     n = 100
@@ -186,7 +186,7 @@ def test_unmapping_the_cache_drops_its_mappings_and_keeps_its_pages() -> None:
     for compressor in (kept, unmapped):
         list(compressor.compress(first))
     assert _mapped_bytes(unmapped.cache.slab) == n * PAGE_SIZE
-    unmapped.unmap_cache()
+    unmapped.cache.unmap()
     assert _mapped_bytes(unmapped.cache.slab) == 0
     batches = list(unmapped.compress(again))
     assert batches == list(kept.compress(again))

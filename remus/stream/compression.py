@@ -369,10 +369,6 @@ class PageCompressor:
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._delta_cctx = zstandard.ZstdCompressor(level=delta_level, write_content_size=True)
 
-    def unmap_cache(self) -> None:
-        """Unmap the cache's pages, keeping their contents (``PageCache.unmap``)."""
-        self.cache.unmap()
-
     def compress(self, records: Iterable[PageData]) -> Iterator[PageBatch]:
         """Batches carrying exactly the pages of ``records``, in the same order."""
         words: list[int] = []

@@ -92,9 +92,10 @@ class CheckpointEncoder:
         self._digest = CommitDigest()
 
     def unmap_cache(self) -> None:
-        """Unmap the compression cache's pages, keeping their contents; between checkpoints only."""
+        """Unmap the compression cache's pages, keeping their contents (``PageCache.unmap``);
+        between checkpoints only."""
         if self._compressor is not None:
-            self._compressor.unmap_cache()
+            self._compressor.cache.unmap()
 
     def encode(self, seq: int, records: Sequence[Record], captured_unix: Optional[float] = None) -> EncodedCheckpoint:
         """Frame checkpoint ``seq`` at once; ``captured_unix`` is the wall-clock time of its
