@@ -41,7 +41,7 @@ def open_channel(settings: Settings, key: Optional[bytes], stop: Optional[StopFl
 
     assert key is not None
     return TcpChannel(settings.destination, settings.port, key=key, ack_timeout_ms=settings.ack_timeout_ms,
-                      stop=stop)
+                      stop=stop, death_watch=True)
 
 
 def load_link_key(settings: Settings) -> Optional[bytes]:

@@ -32,6 +32,11 @@ from the backup ends the session in order whatever follows it in the same
 read.  A second stop request (``StopFlag.hurry``) cuts connecting and every
 wait short with ``Interrupted``; a first one cuts only connecting and the
 wait for the session's acceptance.
+
+Dying: with ``death_watch`` (the ``remus`` command), a helper shuts the
+connection as soon as this process's main thread starts to exit, so a killed
+primary's backup hears of it before the kernel has torn the process down
+(``remus.deathwatch``); ``abort`` disarms it before closing the socket.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from typing import Callable, Optional
 
 from remus.channel import CLOSE_TIMEOUT_S, Silence
 from remus.clock import StopFlag
+from remus.deathwatch import DeathWatch, watch_death
 from remus.errors import AuthenticationFailed, BackupLost, Interrupted, RemoteProtocolError, RemusError, TransportError
 from remus.link.blocking import SealedLink, initiate
 from remus.settings import TAKEOVER_MARGIN_MS
@@ -307,7 +313,7 @@ class TcpChannel:
     def __init__(self, host: str, port: int, *, key: bytes, ack_timeout_ms: int = 5000,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 stop: Optional[StopFlag] = None) -> None:
+                 stop: Optional[StopFlag] = None, death_watch: bool = False) -> None:
         self.host = strip_brackets(host)
         self.port = port
         self.where = display_address(self.host, port)
@@ -317,6 +323,9 @@ class TcpChannel:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.key = key
         self.stop = stop or StopFlag()
+        #: Arm ``remus.deathwatch`` on the connection (the ``remus`` command does).
+        self.death_watch = death_watch
+        self._watch: Optional[DeathWatch] = None
         #: The backup's takeover timeout: from its ACCEPT, else the timing rule's minimum;
         #: None when it never takes over by itself (``--takeover=manual``).
         self.takeover_ms: Optional[int] = ack_timeout_ms + TAKEOVER_MARGIN_MS
@@ -351,6 +360,8 @@ class TcpChannel:
             raise TransportError(f"no authenticated link to {self.where}: {exc}") from None
         sock.settimeout(self.ack_timeout_s)
         self._sock = sock
+        if self.death_watch:
+            self._watch = watch_death(sock)
         self._link = link
         self._out = SealedSocket(sock, link)
         with self._cond:
@@ -415,6 +426,9 @@ class TcpChannel:
         self._closing = True
         if self._heartbeats is not None:
             self._heartbeats.stop()
+        if self._watch is not None:
+            self._watch.disarm()  # before the close: the helper's copy must not keep the socket open
+            self._watch = None
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)

@@ -120,6 +120,31 @@ def test_orderly_session_over_names_ipv4_and_ipv6(host: str) -> None:
     assert not any(e["event"] == "activated" for e in backup.events)
 
 
+def test_the_commands_death_watch_runs_beside_a_session_and_leaves_an_orderly_close_as_it_was() -> None:
+    backup = ReceiverThread()
+    domain = SimulatedDomain(parse_sim_spec("sim:t,memory=2M"))
+    channel = TcpChannel("127.0.0.1", backup.port, key=LINK_KEY, death_watch=True)
+    helpers: list[subprocess.Popen[bytes]] = []
+    stop = StopFlag()
+
+    def on_checkpoint(stats: Any) -> None:
+        watch = channel._watch
+        assert watch is not None and watch.helper.poll() is None  # armed, waiting
+        helpers.append(watch.helper)
+        if stats.seq >= 3:
+            stop.set("test")
+
+    try:
+        Engine(domain, channel, interval_ms=20, devices=list(domain.devices(True)), stop=stop,
+               on_checkpoint=on_checkpoint).run()
+    finally:
+        domain.close()
+    assert backup.wait_event("closed")["seq"] == 3
+    assert backup.finish() == 0
+    assert not any(e["event"] == "activated" for e in backup.events)
+    assert helpers and helpers[-1].returncode == -signal.SIGKILL  # disarmed before the close
+
+
 def test_hosts_allow_refusal_reaches_the_primary_in_plain_words() -> None:
     backup = ReceiverThread(hosts_allow=r"10\..* backup\.example")
     channel = TcpChannel("127.0.0.1", backup.port, key=LINK_KEY)
