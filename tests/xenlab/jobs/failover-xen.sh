@@ -250,9 +250,11 @@ awk '/^[0-9a-f]+-[0-9a-f]+ / {name = $6} /^Size:/ {if (name == "") name = sprint
      END {for (k in kb) if (kb[k] >= 1024) printf "%6.1f MiB %s x%d\n", kb[k] / 1024, k, n[k]}' \
     /proc/$REMUS/smaps 2>/dev/null | sort -rn > $OUTD/failover-primary-smaps.txt
 guest_mib=$(xl list domu | awk 'NR == 2 {print $3}')
+# the primary's death watch (remus.deathwatch): its helper, a child of the primary
+watch=$(ps -o args= --ppid $REMUS 2>/dev/null | grep -c 'remus[.]deathwatch')
 echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
      "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest;" \
-     "primary RSS ${primary_rss} MiB (peak ${primary_hwm})"
+     "primary RSS ${primary_rss} MiB (peak ${primary_hwm}); death watch helpers: $watch"
 clock_exits remus $REMUS "$(standby_xl)" $RECEIVER
 kill -STOP $REMUS
 xl destroy domu
