@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import select
@@ -58,6 +59,22 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _child_connected(listener: socket.socket, body: str) -> Iterator[tuple[subprocess.Popen[str], socket.socket, int]]:
+    """A child that connects to ``listener`` and arms a watch, then runs ``body``: the child,
+    our end of its connection and its helper's pid; both killed or closed afterwards."""
+    child = _child(listener.getsockname()[1], body)
+    conn, _ = listener.accept()
+    try:
+        assert child.stdout is not None
+        yield child, conn, int(child.stdout.readline().split()[1])
+    finally:
+        conn.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def _child(port: int, body: str) -> subprocess.Popen[str]:
     code = textwrap.dedent(f"""
         import ctypes, socket, sys, threading
@@ -76,49 +93,32 @@ def test_the_main_thread_exiting_shuts_the_connection_while_the_process_still_ho
     # The main thread leaves by the raw exit call (that thread only); a second thread keeps the
     # process, and with it the socket, open until the test lets it go.  Only the watch can
     # bring the EOF before that.
-    child = _child(listener.getsockname()[1], f"""
+    with _child_connected(listener, f"""
         import os
         def hold():
             sys.stdin.readline()  # until the test has seen the EOF (or gives up)
             os._exit(0)
         threading.Thread(target=hold).start()
         ctypes.CDLL(None).syscall({SYS_EXIT}, 0)
-    """)
-    conn, _ = listener.accept()
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        helper = int(child.stdout.readline().split()[1])
+    """) as (child, conn, helper):
         assert helper > 0
         assert _eof_within(conn, WAIT_S)
         assert child.poll() is None  # the process, and its copy of the socket, still live
+        assert child.stdin is not None
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.wait(WAIT_S) == 0
-    finally:
-        conn.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_a_sigkilled_primary_shuts_the_connection_and_its_helper_ends(listener: socket.socket) -> None:
-    child = _child(listener.getsockname()[1], """
+    with _child_connected(listener, """
         sys.stdin.readline()
-    """)
-    conn, _ = listener.accept()
-    try:
-        assert child.stdout is not None
-        helper = int(child.stdout.readline().split()[1])
+    """) as (child, conn, helper):
         os.kill(child.pid, signal.SIGKILL)
         assert _eof_within(conn, WAIT_S)
         child.wait(WAIT_S)
         # the helper (our child's, not ours) ends once it has done its one job
         assert _wait_until(lambda: _ended(helper), WAIT_S)
-    finally:
-        conn.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_disarming_leaves_the_socket_to_its_owner_alone(listener: socket.socket) -> None:

@@ -32,6 +32,9 @@
 # end its session before `xl destroy` had released the name.  Frozen, it sends nothing; the
 # SIGKILL then closes its connection, which the backup sees at once as the primary's death
 # (a heartbeat timeout of 60 s keeps the frozen seconds from counting as one).
+# REMUS_LAB_IDLE_DYING=1 (an experiment, off by default): the frozen primary's threads are put at
+# SCHED_IDLE before the kill, so that its teardown (about 0.3 s, on one of dom0's two vCPUs, now
+# that the death watch shows the loss before it) yields to xl completing the standby.
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
@@ -257,6 +260,7 @@ echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints commit
      "primary RSS ${primary_rss} MiB (peak ${primary_hwm}); death watch helpers: $watch"
 clock_exits remus $REMUS "$(standby_xl)" $RECEIVER
 kill -STOP $REMUS
+[ "${REMUS_LAB_IDLE_DYING:-0}" = 1 ] && chrt --idle -a -p 0 $REMUS
 xl destroy domu
 marks=$(console_marks)
 clock_line remus "$marks"
