@@ -12,7 +12,7 @@ How.  The kernel releases a thread's *robust* mutexes at the very start of the
 thread's exit, before the address space goes, marking each one owner-dead and
 waking a waiter (``set_robust_list(2)``).  ``watch_death`` puts a robust,
 process-shared mutex in a small shared memory file, locks it on the main thread
-and starts a helper (``python3 -m remus.deathwatch``) that holds a duplicate
+and starts a helper (a ``python3`` running ``remus.deathwatch.main``) that holds a duplicate
 of the connection and waits for that mutex.  When the helper gets it as
 owner-dead, the main thread is exiting, so the whole process is (a CPython
 main thread ends only with its process: by ``exit``, a crash or a fatal
@@ -61,6 +61,11 @@ _SHARED_FILE_BYTES = mmap.PAGESIZE
 _KEPT: list["_SharedMutex"] = []
 
 
+#: The helper's command: isolated (``-I``: neither the working directory nor PYTHONPATH can put
+#: another ``remus`` first), importing this module from where this process found it.
+_HELPER = "import sys; sys.path.insert(0, sys.argv[1]); from remus.deathwatch import main; sys.exit(main(sys.argv[2:]))"
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -92,13 +97,17 @@ class _SharedMutex:
             raise
         attr = ctypes.create_string_buffer(_ATTR_BYTES)
         libc = shared._libc
-        _check("pthread_mutexattr_init", libc.pthread_mutexattr_init(attr))
         try:
-            _check("pthread_mutexattr_setpshared", libc.pthread_mutexattr_setpshared(attr, _SHARED))
-            _check("pthread_mutexattr_setrobust", libc.pthread_mutexattr_setrobust(attr, _ROBUST))
-            _check("pthread_mutex_init", libc.pthread_mutex_init(ctypes.c_void_p(shared.address), attr))
-        finally:
-            libc.pthread_mutexattr_destroy(attr)
+            _check("pthread_mutexattr_init", libc.pthread_mutexattr_init(attr))
+            try:
+                _check("pthread_mutexattr_setpshared", libc.pthread_mutexattr_setpshared(attr, _SHARED))
+                _check("pthread_mutexattr_setrobust", libc.pthread_mutexattr_setrobust(attr, _ROBUST))
+                _check("pthread_mutex_init", libc.pthread_mutex_init(ctypes.c_void_p(shared.address), attr))
+            finally:
+                libc.pthread_mutexattr_destroy(attr)
+        except BaseException:
+            shared.close()
+            raise
         return shared
 
     def lock(self) -> int:
@@ -163,12 +172,10 @@ def watch_death(sock: socket.socket) -> Optional[DeathWatch]:
         mutex.close()
         return None
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("PYTHONPATH")
-    env = dict(os.environ, PYTHONPATH=package_root if not path else os.pathsep.join([package_root, path]))
     try:
         helper = subprocess.Popen(
-            [sys.executable, "-m", "remus.deathwatch", str(sock.fileno()), str(mutex.fd)],
-            pass_fds=(sock.fileno(), mutex.fd), stdin=subprocess.DEVNULL, env=env)
+            [sys.executable, "-I", "-c", _HELPER, package_root, str(sock.fileno()), str(mutex.fd)],
+            pass_fds=(sock.fileno(), mutex.fd), stdin=subprocess.DEVNULL)
     except OSError as exc:
         log.warning("the connection will close only once this process is torn down: "
                     "no death watch helper (%s)", exc)
@@ -198,13 +205,9 @@ def _serve(sock_fd: int, mutex_fd: int) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python3 -m remus.deathwatch SOCKET_FD MUTEX_FD`` (started by ``watch_death`` only)."""
+    """The helper's entry: ``SOCKET_FD MUTEX_FD`` (started by ``watch_death`` only)."""
     if len(argv) != 2:
-        print("usage: python3 -m remus.deathwatch SOCKET_FD MUTEX_FD (started by remus itself)",
+        print("usage: remus.deathwatch SOCKET_FD MUTEX_FD (started by remus itself)",
               file=sys.stderr)
         return 2
     return _serve(int(argv[0]), int(argv[1]))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

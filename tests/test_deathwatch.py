@@ -155,3 +155,38 @@ def test_only_the_main_thread_arms(listener: socket.socket) -> None:
 def test_the_helper_refuses_a_bad_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["3"]) == 2
     assert "started by remus itself" in capsys.readouterr().err
+
+
+def test_the_helper_never_imports_a_remus_from_the_working_directory(
+        listener: socket.socket, tmp_path: Path) -> None:
+    planted = tmp_path / "remus"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    sock = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        watch = watch_death(sock)
+    finally:
+        os.chdir(cwd)
+    try:
+        assert watch is not None
+        # the real helper waits for the mutex (futex, or its 32-bit-compatible syscall numbers);
+        # a planted one would have written its marker long before
+        assert _wait_until(lambda: _in_futex_wait(watch.helper.pid) or watch.helper.poll() is not None, WAIT_S)
+        assert watch.helper.poll() is None
+        assert not marker.exists()
+        watch.disarm()
+    finally:
+        sock.close()
+        conn.close()
+
+
+def _in_futex_wait(pid: int) -> bool:
+    try:
+        first = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return first == {"x86_64": "202", "aarch64": "98"}.get(platform.machine(), "?")
