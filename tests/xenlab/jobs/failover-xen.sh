@@ -34,7 +34,8 @@
 # (a heartbeat timeout of 60 s keeps the frozen seconds from counting as one).
 # REMUS_LAB_IDLE_DYING=1 (an experiment, off by default): the frozen primary's threads are put at
 # SCHED_IDLE before the kill, so that its teardown (about 0.3 s, on one of dom0's two vCPUs, now
-# that the death watch shows the loss before it) yields to xl completing the standby.
+# that the death watch shows the loss before it) yields to xl completing the standby.  In three
+# runs it did not make xl quicker (docs/standby.md).
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
