@@ -48,8 +48,6 @@ from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-#: Room for a ``pthread_mutex_t`` on every Linux ABI (40 bytes on x86_64, 48 on aarch64).
-_MUTEX_BYTES = 64
 #: Room for a ``pthread_mutexattr_t`` (4 bytes on x86_64, 8 on aarch64).
 _ATTR_BYTES = 16
 #: glibc's ``PTHREAD_MUTEX_ROBUST`` and ``PTHREAD_PROCESS_SHARED``.
@@ -76,14 +74,23 @@ def _check(what: str, result: int) -> None:
 
 
 class _SharedMutex:
-    """A robust, process-shared pthread mutex at the start of a shared memory file."""
+    """A robust, process-shared pthread mutex at the start of a shared memory file.
+
+    Mapped with libc's ``mmap`` rather than Python's, so that no garbage collection, not even
+    at interpreter exit, can unmap it while it is locked (only ``close`` does).
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, _SHARED_FILE_BYTES)
-        self._view: Optional[ctypes.Array[ctypes.c_char]] = (ctypes.c_char * _MUTEX_BYTES).from_buffer(self._map)
-        self.address = ctypes.addressof(self._view)
         self._libc = _libc()
+        self._libc.mmap.restype = ctypes.c_void_p
+        self._libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_long]
+        address = self._libc.mmap(None, _SHARED_FILE_BYTES, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  mmap.MAP_SHARED, fd, 0)
+        if address is None or address == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), "mmap of the death watch's memory file failed")
+        self.address: int = address
 
     @classmethod
     def create(cls) -> "_SharedMutex":
@@ -119,8 +126,7 @@ class _SharedMutex:
 
     def close(self) -> None:
         """Unmap and close; only for a mutex that no thread of this process holds."""
-        self._view = None
-        self._map.close()
+        self._libc.munmap(ctypes.c_void_p(self.address), ctypes.c_size_t(_SHARED_FILE_BYTES))
         os.close(self.fd)
 
 

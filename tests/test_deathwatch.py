@@ -190,3 +190,18 @@ def _in_futex_wait(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return first == {"x86_64": "202", "aarch64": "98"}.get(platform.machine(), "?")
+
+
+def test_a_primary_that_exits_without_disarming_still_shuts_the_connection(listener: socket.socket) -> None:
+    # Python's own exit collects the watch's objects first: the mutex must stay mapped for the
+    # kernel to find it owner-dead, or the helper would hold the connection open for ever.
+    with _child_connected(listener, """
+        sys.stdin.readline()
+        sys.exit(0)
+    """) as (child, conn, helper):
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(WAIT_S) == 0
+        assert _eof_within(conn, WAIT_S)
+        assert _wait_until(lambda: _ended(helper), WAIT_S)
