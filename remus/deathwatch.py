@@ -133,10 +133,9 @@ class _SharedMutex:
 class DeathWatch:
     """An armed watch: a helper process that shuts ``sock`` once this process's main thread exits."""
 
-    def __init__(self, mutex: _SharedMutex, helper: subprocess.Popen[bytes], owner: threading.Thread) -> None:
-        self._mutex: Optional[_SharedMutex] = mutex
+    def __init__(self, mutex: _SharedMutex, helper: subprocess.Popen[bytes]) -> None:
+        self._mutex: Optional[_SharedMutex] = mutex  # locked by the main thread
         self.helper = helper
-        self._owner = owner
 
     def disarm(self) -> None:
         """Kill and reap the helper (its duplicate of the socket is closed once this returns).
@@ -150,7 +149,7 @@ class DeathWatch:
             self.helper.kill()
         self.helper.wait()
         mutex, self._mutex = self._mutex, None
-        if threading.current_thread() is self._owner:
+        if threading.current_thread() is threading.main_thread():
             mutex.unlock()
             mutex.close()
         else:
@@ -163,8 +162,7 @@ def watch_death(sock: socket.socket) -> Optional[DeathWatch]:
     Only the main thread arms: anything else returns None at once.  Failing to start the
     helper is logged and returns None (the connection then closes at exit, as it always did).
     """
-    owner = threading.current_thread()
-    if owner is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return None
     try:
         mutex = _SharedMutex.create()
@@ -188,7 +186,7 @@ def watch_death(sock: socket.socket) -> Optional[DeathWatch]:
         mutex.unlock()
         mutex.close()
         return None
-    return DeathWatch(mutex, helper, owner)
+    return DeathWatch(mutex, helper)
 
 
 def _serve(sock_fd: int, mutex_fd: int) -> int:

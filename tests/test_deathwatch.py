@@ -12,13 +12,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from remus.deathwatch import main, watch_death
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The raw ``exit`` system call (one thread, not the process), by machine.
@@ -48,15 +48,6 @@ def _ended(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        select.select([], [], [], 0.01)
-    return True
 
 
 @contextlib.contextmanager
@@ -118,7 +109,7 @@ def test_a_sigkilled_primary_shuts_the_connection_and_its_helper_ends(listener: 
         assert _eof_within(conn, WAIT_S)
         child.wait(WAIT_S)
         # the helper (our child's, not ours) ends once it has done its one job
-        assert _wait_until(lambda: _ended(helper), WAIT_S)
+        wait_until(lambda: _ended(helper), WAIT_S, "the helper's end")
 
 
 def test_disarming_leaves_the_socket_to_its_owner_alone(listener: socket.socket) -> None:
@@ -175,7 +166,8 @@ def test_the_helper_never_imports_a_remus_from_the_working_directory(
         assert watch is not None
         # the real helper waits for the mutex (futex, or its 32-bit-compatible syscall numbers);
         # a planted one would have written its marker long before
-        assert _wait_until(lambda: _in_futex_wait(watch.helper.pid) or watch.helper.poll() is not None, WAIT_S)
+        wait_until(lambda: _in_futex_wait(watch.helper.pid) or watch.helper.poll() is not None, WAIT_S,
+                   "the helper's wait or end")
         assert watch.helper.poll() is None
         assert not marker.exists()
         watch.disarm()
@@ -204,4 +196,4 @@ def test_a_primary_that_exits_without_disarming_still_shuts_the_connection(liste
         child.stdin.flush()
         assert child.wait(WAIT_S) == 0
         assert _eof_within(conn, WAIT_S)
-        assert _wait_until(lambda: _ended(helper), WAIT_S)
+        wait_until(lambda: _ended(helper), WAIT_S, "the helper's end")
