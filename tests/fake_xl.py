@@ -6,9 +6,9 @@ call there, and saves what ``xl restore`` read from its stdin in ``restored.bin`
 destroys the domain it made); ``fail-leave``, leaving it; ``hang`` after creating
 it.  ``FAKE_XL_LIST`` is what ``xl list -l`` prints.  ``xl migrate-receive -r``
 checks the checkpointed stream as xl, libxl and libxc do, notes what it saw in
-``journal.jsonl`` and, at the end of the stream (failover), writes the memory and
-state records of the last complete checkpoint to ``failover.json`` and renames
-``NAME--incoming`` to ``NAME``; with ``FAKE_XL_HOLD=FILE`` it reads nothing after
+``journal.jsonl`` and, at libxc's END record or the end of the stream (failover; the
+journal says which), writes the memory and state records of the last complete
+checkpoint to ``failover.json`` and renames ``NAME--incoming`` to ``NAME``; with ``FAKE_XL_HOLD=FILE`` it reads nothing after
 its banner until FILE exists.
 """
 
@@ -134,6 +134,7 @@ def migrate_receive(opts):
         except EOFError:
             if checkpoints == 0:
                 fail("Failed to read Record Header from stream", incoming)
+            ended_by = "EOF"
             break  # remus failover
         if rtype in (2, 0x10, 0x11, 0x12, 3):
             if rtype in static:
@@ -151,13 +152,16 @@ def migrate_receive(opts):
             checkpoints += 1
             note(event="checkpoint", n=checkpoints)
             continue
-        if rtype == 0:
-            fail("END record in a Remus stream", incoming)
+        if rtype == 0:  # END ends libxc's loop: a failover from the last complete checkpoint
+            if checkpoints == 0:  # libxc would complete a half-restored domain: never asked of xl
+                fail("END record before the first checkpoint", incoming)
+            ended_by = "END"
+            break
         if checkpoints == 0:
             apply([(rtype, body)])
         else:
             buffered.append((rtype, body))
-    note(event="failover", checkpoints=checkpoints, dropped=len(buffered))
+    note(event="failover", checkpoints=checkpoints, dropped=len(buffered), ended_by=ended_by)
     sys.stderr.write(f"migration target: Remus Failover for domain {domid}\n")
     with open(os.path.join(home, "failover.json"), "w") as f:
         json.dump({"checkpoints": checkpoints, "memory": memory, "state": vcpu}, f)

@@ -89,11 +89,49 @@ def test_every_committed_checkpoint_reaches_xl_and_failover_runs_the_last(fake_x
         int(t).to_bytes(4, "little") + (6).to_bytes(4, "little") for t in STATE_TYPES]
     seen = journal(fake_xl)
     assert seen[-1]["event"] == "failover" and seen[-1]["dropped"] == 0
+    assert seen[-1]["ended_by"] == "END"  # libxc's END record, not the end of the pipe
     assert not [e for e in seen if e["event"] == "error"]
     stats = standby.statistics()
     assert stats["checkpoints_written"] + stats["checkpoints_merged"] == 6
     assert failover["checkpoints"] == stats["checkpoints_written"]
     assert state(fake_xl)["domains"] == {"domu": 5}
+
+
+def test_xl_fails_over_at_libxcs_end_record_while_the_guard_still_holds_the_pipe(
+        fake_xl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The guard is not told and xl's stdin stays open: only libxc's END can start the failover
+    # (without it activate() would give up after the shortened timeout below).
+    monkeypatch.setattr("remus.xen.standby.ACTIVATE_TIMEOUT_S", 10.0)
+    stream, guest = xen_session(3)
+    stream_info = BackupSession()
+    stream_info.receive_data(stream[:4096])
+    standby = XenStandby.start(stream_info.info)
+    follow(stream, standby)
+    told: list[bytes] = []
+    monkeypatch.setattr(standby, "_tell_guard", told.append)
+    monkeypatch.setattr(standby, "_close_stream", lambda: None)
+    details = standby.activate()
+    assert details["standby_seq"] == 3 and told == [b"a"]  # recorded, never delivered
+    assert journal(fake_xl)[-1] == {"event": "failover", "checkpoints": 1, "dropped": 0, "ended_by": "END"}
+    assert json.loads((fake_xl / "failover.json").read_text())["memory"] == expected_memory(guest)
+    monkeypatch.undo()
+    standby._tell_guard(b"a")  # the guard has seen xl end already, or lets go now
+    standby._reap_guard()
+    standby._close_stream()
+
+
+def test_a_standby_given_no_checkpoint_gets_no_end_record_and_activate_fails(fake_xl: Path) -> None:
+    stream, _guest = xen_session(1)
+    stream_info = BackupSession()
+    stream_info.receive_data(stream[:4096])
+    standby = XenStandby.start(stream_info.info)
+    wait_until(lambda: state(fake_xl)["domains"].get("domu--incoming"))
+    with pytest.raises(ActivationError, match="failed"):
+        standby.activate()
+    # xl read nothing after libxl's opening, not even an END record: the end of the pipe
+    errors = [e["message"] for e in journal(fake_xl) if e["event"] == "error"]
+    assert errors == ["bad stream opening (EOFError(0))"]
+    assert state(fake_xl)["domains"] == {}
 
 
 def test_a_standby_that_falls_behind_merges_checkpoints(fake_xl: Path, tmp_path: Path,

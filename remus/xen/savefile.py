@@ -5,7 +5,8 @@ Pure: no files, no processes, no Xen.  ``remus.xen.restore`` feeds the save
 file to ``xl restore``; ``remus.xen.standby`` feeds the checkpointed stream
 (``checkpointed_opening``, then ``checkpoint_pieces`` per checkpoint: the same
 headers and records, with libxc's CHECKPOINT and libxl's CHECKPOINT_END where
-the save file has END records) to ``xl migrate-receive -r``.
+the save file has END records; libxc's END only at failover, ``LIBXC_END``) to
+``xl migrate-receive -r``.
 
 The file is what ``xl save`` writes (Xen 4.17, tools/xl/xl_saverestore.c and
 xl.h; docs/specs/libxl-migration-stream.pandoc and libxc-migration-stream.pandoc)::
@@ -124,6 +125,14 @@ def libxl_record(rtype: int) -> bytes:
     return _LIBXL_RECORD.pack(rtype, 0)
 
 
+#: libxc's END record (8 octets: one write, never split by a pipe).  It closes a save file's
+#: libxc stream.  Written to a standby after a complete checkpoint, it is the failover:
+#: libxc's record loop stops at END and completes the domain from the last checkpoint at once,
+#: as at the end of the stream, but without waiting for every writer of the pipe to close
+#: (xg_sr_restore.c ``restore``; libxl then completes its stream, libxl_stream_read.c).
+LIBXC_END = encode_record(XenRecord(XenRecType.END, b""))
+
+
 def check_restorable(image: Image) -> DomainHeader:
     """The image's domain header, once the image is known to make a PV restore stream.
 
@@ -167,7 +176,7 @@ def _libxc_pieces(image: Image, header: DomainHeader) -> Iterator[bytes]:
     yield from page_data(image.pages, image.pages if isinstance(image.pages, PageStore) else sorted(image.pages))
     for record in image.state_records():
         yield encode_record(record)
-    yield encode_record(XenRecord(XenRecType.END, b""))
+    yield LIBXC_END
 
 
 def page_data(pages: Mapping[int, tuple[int, Optional[bytes]]], pfns: Iterable[int]) -> Iterator[bytes]:

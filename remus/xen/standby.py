@@ -35,11 +35,13 @@ true, and the receiver holds its ACKs: the primary, hearing heartbeats,
 waits, and becomes protected only once a failover would be quick.  Later
 checkpoints are small and are never held.
 
-``activate()`` (failover) lets the feeder finish everything committed, tells
-the guard to let go, and closes xl's stdin: xl completes the domain from the
-last complete checkpoint, attaches its devices, renames it ``NAME``, leaves
-its monitoring daemon (no ``-e``: on_poweroff/on_reboot/on_crash apply as
-after ``xl create``) and unpauses it.  ``discard()`` (orderly end, refused or
+``activate()`` (failover) lets the feeder finish everything committed and
+writes libxc's END record after it (``LIBXC_END``): xl completes the domain
+from the last complete checkpoint at once, without waiting for the guard to
+let go of its end of the pipe (it is told to next, and xl's stdin is closed).
+xl attaches its devices, renames it ``NAME``, leaves its monitoring daemon (no
+``-e``: on_poweroff/on_reboot/on_crash apply as after ``xl create``) and
+unpauses it.  ``discard()`` (orderly end, refused or
 broken session) kills xl's process group and destroys ``NAME--incoming``; it
 starts nothing.  A standby that broke on the way (xl died, refused the stream)
 says so in ``broken``; the receiver then uses the cold path
@@ -71,6 +73,7 @@ from remus.xen import xl
 from remus.xen.restore import PIPE_BYTES, enlarge_pipe, write_all
 from remus.xen.savefile import (
     CHECKPOINT_TAIL,
+    LIBXC_END,
     DomainConfig,
     check_restorable,
     checkpoint_pieces,
@@ -261,8 +264,9 @@ class XenStandby:
         running), ``standby`` True, ``standby_seq`` (the checkpoint xl was given last),
         and where the time went: ``backlog_pages`` (pages still to write when the call
         began), ``drain_s`` (writing them), ``end_of_stream_s`` (from the call to xl's
-        end of stream) and ``xl_s`` (from there to xl's exit: the domain completed,
-        its devices attached, renamed and unpaused).
+        end of stream: libxc's END written, the guard told, xl's stdin closed) and
+        ``xl_s`` (from there to xl's exit: the domain completed, its devices attached,
+        renamed and unpaused).
 
         Raises:
             ActivationError: the standby is broken, xl could not be given every
@@ -291,8 +295,9 @@ class XenStandby:
             why = self.broken or f"xl did not take the last checkpoints within {timeout_s:.0f} s"
             said = self._destroy()
             raise ActivationError(f"the standby of {self.name} could not be activated ({why}); {said}")
+        self._end_stream()  # xl completes the domain from here on
         self._tell_guard(ACTIVATE)
-        self._close_stream()  # with the guard's end closed too: the end of the stream
+        self._close_stream()
         ended_stream = time.monotonic()
         try:
             status: Optional[int] = self._proc.wait(ACTIVATE_TIMEOUT_S)
@@ -460,6 +465,21 @@ class XenStandby:
             return os.pread(self._messages.fileno(), 1 << 20, 0).decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def _end_stream(self) -> None:
+        """Write libxc's END after the last checkpoint xl was given: xl fails over at once.
+
+        Only after a whole checkpoint (an END before the first one would complete a
+        half-restored domain); without one, xl is left to the end of the stream, where it
+        fails.  A failed write is left to xl's exit status to explain.
+        """
+        if self.checkpoints_written == 0:
+            return
+        assert self._proc.stdin is not None
+        try:
+            os.write(self._proc.stdin.fileno(), LIBXC_END)  # 8 octets: never split by the pipe
+        except OSError:
+            pass
 
     def _tell_guard(self, word: bytes) -> None:
         fd, self._control_fd = self._control_fd, None
