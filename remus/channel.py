@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
+from remus.stream.sender import FramedCheckpoint
 
 #: How long a primary that gives up on its backup waits for its CLOSE to be taken.
 GIVE_UP_CLOSE_TIMEOUT_S = 0.5

@@ -171,7 +171,7 @@ def parse(doc: str, prog: str, argv: Sequence[str], version: str = __version__) 
         raise ShowText(f"{prog} {version}\n")
     try:
         return dict(docopt(doc, argv, False))
-    except SystemExit as exc:  # DocoptExit: options were checked above, so the arguments are wrong
+    except SystemExit:  # DocoptExit: options were checked above, so the arguments are wrong
         usage = " ".join(doc.split("\n\n")[0].split()[1:])
         raise UsageError(f"wrong arguments; usage: {usage}") from None
 

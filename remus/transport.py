@@ -58,7 +58,7 @@ from remus.link.blocking import SealedLink, initiate
 from remus.settings import TAKEOVER_MARGIN_MS
 from remus.stream.codec import EndOfStream, StreamDecoder, encode_record
 from remus.stream.records import Accept, Ack, Close, CloseReason, DiskHashes, Heartbeat, StreamHeader
-from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
+from remus.stream.sender import FramedCheckpoint
 
 log = logging.getLogger(__name__)
 

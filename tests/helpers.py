@@ -4,7 +4,6 @@ the repository's environment, waiting on a condition, and the processes a test s
 from __future__ import annotations
 
 import os
-import select
 import socket
 import threading
 import time

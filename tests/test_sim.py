@@ -20,7 +20,7 @@ from remus.sim.memory import GuestMemory, MemoryDigest
 from remus.sim.output import PacketSink, PlugQueue
 from remus.sim.spec import SimSpec, parse_sim_spec
 from remus.stream.records import PAGE_SIZE, Checkpoint, DomainHeader, PageData, SimVcpu
-from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint
+from remus.stream.sender import FramedCheckpoint
 from tests.helpers import wait_until
 
 # --------------------------------------------------------------------------- spec

@@ -55,7 +55,6 @@ import logging
 import os
 import re
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -66,7 +65,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, AbstractSet, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from remus.errors import ActivationError, XlError
+from remus.errors import ActivationError
 from remus.backup.image import Image, PageStore
 from remus.stream.records import PAGE_SIZE, DomainHeader, Record
 from remus.xen import xl

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import select
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 from remus.errors import DomainError, DomainNotFound, XenError
 from remus.xen.lib import Binding

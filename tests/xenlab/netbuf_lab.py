@@ -59,7 +59,7 @@ from remus.netbuf.owners import DEFAULT_STATE_DIR, RecordError, RecordStore  # n
 from remus.report import Reporter  # noqa: E402
 from remus.signals import stop_on_signals  # noqa: E402
 from remus.stream.records import Checkpoint  # noqa: E402
-from remus.stream.sender import EncodedCheckpoint, FramedCheckpoint  # noqa: E402
+from remus.stream.sender import FramedCheckpoint  # noqa: E402
 
 
 def mark(path: str, event: str, **extra: Any) -> None:
