@@ -6,6 +6,10 @@
                                          FILE
     python3 exitclock.py kill PID        SIGKILL PID; print the boot time and the wall time
                                          (Unix seconds) read just before it
+    python3 exitclock.py shut PID PORT   shut down (SHUT_RDWR) PID's TCP connections to PORT,
+                                         taken with pidfd_getfd, leaving PID as it is (a frozen
+                                         primary "vanishes" without its teardown); print the
+                                         times as kill does; exit 1 if it has no such connection
     python3 exitclock.py line FILE REGEX LOG:SKIP...
                                          write FILE.ready once watching, then the boot time at
                                          which a line matching REGEX is first seen in a LOG
@@ -17,15 +21,17 @@ polling load to the emulated dom0 while a failover is being timed: polling with 
 there lagged by up to a second when dom0 was busy.  The line watcher reads its logs every
 ``LINE_POLL_S`` (they are a guest's console logs, a few kilobytes), so it is started before the
 moment it times and a shell loop does not stand between that moment and the stamp.  Never kills
-anything but the PID it is given, never writes to a LOG.
+anything but the PID it is given, never writes to a LOG, shuts no connection but PID's to PORT.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import select
 import signal
+import socket
 import sys
 import time
 
@@ -84,11 +90,50 @@ def kill(pid: int) -> int:
     return 0
 
 
+#: pidfd_getfd(2) (Linux 5.6); Python has no wrapper for it.
+SYS_PIDFD_GETFD = 438
+
+
+def shut(pid: int, port: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    found: list[socket.socket] = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+        if fd < 0:
+            print(f"pidfd_getfd of fd {name}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+            continue
+        sock = socket.socket(fileno=fd)
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6) \
+                    and sock.getpeername()[1] == port:
+                found.append(sock)
+                continue
+        except OSError:
+            pass
+        sock.close()  # our copy only
+    if not found:
+        print(f"process {pid} has no TCP connection to port {port}", file=sys.stderr)
+        return 1
+    now_boot, now_wall = boottime(), time.time()
+    for sock in found:
+        sock.shutdown(socket.SHUT_RDWR)
+    print(f"{now_boot:.3f} {now_wall:.3f}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "wait":
         return wait(int(argv[1]), argv[2])
     if len(argv) == 2 and argv[0] == "kill":
         return kill(int(argv[1]))
+    if len(argv) == 3 and argv[0] == "shut":
+        return shut(int(argv[1]), int(argv[2]))
     if len(argv) >= 4 and argv[0] == "line":
         return line(argv[1], argv[2], argv[3:])
     print(__doc__, file=sys.stderr)

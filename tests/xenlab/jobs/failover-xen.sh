@@ -36,6 +36,15 @@
 # SCHED_IDLE before the kill, so that its teardown (about 0.3 s, on one of dom0's two vCPUs, now
 # that the death watch shows the loss before it) yields to xl completing the standby.  In three
 # runs it did not make xl quicker (docs/standby.md).
+# REMUS_LAB_XL_TRACE=1 (off by default): both standbys' `xl migrate-receive -r` run with -vvv
+# through tests/xenlab/xltrace.py, which stamps every line of xl's stderr; after each failover
+# the job prints when xl reached each landmark of its completion, counted from the kill (the
+# logs are kept in xl-trace/).
+# REMUS_LAB_VANISH=1 (off by default): remus's primary "vanishes" instead of being SIGKILLed.
+# Its connection to the receiver is shut (exitclock.py shut) while it stays frozen, and it is
+# killed only after the guest's next line; its times count from the shutdown.  On this one dom0
+# a killed primary's teardown (0.2 to 0.5 s of its address space, under emulation) runs beside
+# xl completing the standby; across two hosts it would not (docs/standby.md).
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
@@ -51,6 +60,8 @@ CONSOLES="/var/log/xen/console/guest-domu.log /var/log/xen/console/guest-domu--i
 PARTS=${FAILOVER_PARTS:-"orderly receiver-killed failover peer"}
 has_part() { case " $PARTS " in *" $1 "*) true ;; *) false ;; esac; }
 KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
+PORT=8002  # remus's and remus-receiver's default
+VANISH=${REMUS_LAB_VANISH:-0}
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
@@ -63,6 +74,24 @@ python3 $LAB_BUILD/bin/remus-receiver --help 2>/dev/null | grep -q -- --max-memo
 if [ -f $LAB_BUILD/bin/remus-keygen ]; then
     python3 $LAB_BUILD/bin/remus-keygen --key-file "$KEY" --force > /dev/null && KEYARGS="--key-file $KEY"
 fi
+# The receiver's PATH and xl remus's receiving command: xl itself, or (REMUS_LAB_XL_TRACE=1) a
+# wrapper named xl first on the PATH that runs `xl migrate-receive` through xltrace.py.
+RX_PATH=$PATH XL_RUNE='xl migrate-receive -r' XL_TRACE=
+if [ "${REMUS_LAB_XL_TRACE:-0}" = 1 ]; then
+    XL_TRACE=/tmp/remus-xl-trace  # dom0's disk, not the results mount: xl -vvv says a lot
+    mkdir -p $XL_TRACE/bin
+    printf '#!/bin/sh\ncase "$1" in migrate-receive) exec python3 %s exec %s %s "$@" ;; esac\nexec %s "$@"\n' \
+        "$REMUS_LAB_SRC/tests/xenlab/xltrace.py" $XL_TRACE "$(command -v xl)" "$(command -v xl)" > $XL_TRACE/bin/xl
+    chmod +x $XL_TRACE/bin/xl
+    RX_PATH=$XL_TRACE/bin:$PATH XL_RUNE="$XL_TRACE/bin/xl migrate-receive -r"
+fi
+# xl_phases TAG XL_PID: with REMUS_LAB_XL_TRACE=1, where xl's failover went after the kill
+xl_phases() {
+    [ -n "$XL_TRACE" ] && [ -n "$2" ] || return 0
+    echo "xl's failover ($1), after the kill: $(python3 $REMUS_LAB_SRC/tests/xenlab/xltrace.py phases \
+        "$T_KILL" $XL_TRACE/xl-$2.log 2>&1)"
+    mkdir -p $OUTD/xl-trace && cp $XL_TRACE/xl-$2.log $OUTD/xl-trace/ 2>/dev/null
+}
 
 # commits_reach N: N checkpoints committed, or no point waiting (remus or the receiver ended)
 commits_reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
@@ -125,7 +154,14 @@ line_s() { wait $LINE_PID; after_kill "$OUTD/$1-next-line"; }
 # kill_clocked PRIMARY: SIGKILL it (frozen, its domain destroyed), stamped by the same clock; return
 # once the standby xl exited.  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
 # UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); receiver_exit_s says the
-# receiver's, once it has ended.
+# receiver's, once it has ended.  shut_clocked PRIMARY (REMUS_LAB_VANISH=1) shuts the frozen
+# PRIMARY's connection to the receiver instead and leaves it frozen (PRIMARY_EXIT_S is nan).
+shut_clocked() {
+    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" shut "$1" $PORT)
+    T_KILL=$1 T_KILL_WALL=$2
+    wait $CLOCK_PIDS
+    UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=nan
+}
 kill_clocked() {
     set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" kill "$1")
     T_KILL=$1 T_KILL_WALL=$2
@@ -137,7 +173,7 @@ receiver_exit_s() { after_kill "$OUTD/$1-receiver-exit"; }
 # the standby's xl migrate-receive -r (the newest: a standby of `xl remus` that never completed
 # can outlive its part; anchored, since `xl remus ... domu 'xl migrate-receive -r'` carries the same
 # words in its own command line)
-STANDBY_XL_PATTERN='^[^ ]*xl migrate-receive -r'
+STANDBY_XL_PATTERN='^[^ ]*xl (-vvv )?migrate-receive -r'
 standby_xl() { pgrep -n -f "$STANDBY_XL_PATTERN"; }
 # runs_as_new DOMID: domu exists under another id than DOMID and runs (r or b)
 runs_as_new() {
@@ -148,7 +184,7 @@ runs_as_new() {
 start_protection() {  # $1: tag; remus-receiver --once, then remus -i 200 domu 127.0.0.1
     rm -f "$EVENTS" "$STATS"
     # --max-memory: generous, so the small lab dom0 never refuses the guest (the bound is tested in tests/).
-    python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
+    env PATH="$RX_PATH" python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
         $MAXMEM --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
     RECEIVER=$!
     sleep 2
@@ -259,19 +295,36 @@ watch=$(ps -o args= --ppid $REMUS 2>/dev/null | grep -c 'remus[.]deathwatch')
 echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints committed; domu--incoming" \
      "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest;" \
      "primary RSS ${primary_rss} MiB (peak ${primary_hwm}); death watch helpers: $watch"
-clock_exits remus $REMUS "$(standby_xl)" $RECEIVER
+standby_pid=$(standby_xl)
+if [ "$VANISH" = 1 ]; then
+    clock_exits remus "" "$standby_pid" $RECEIVER
+else
+    clock_exits remus $REMUS "$standby_pid" $RECEIVER
+fi
 kill -STOP $REMUS
 [ "${REMUS_LAB_IDLE_DYING:-0}" = 1 ] && chrt --idle -a -p 0 $REMUS
 xl destroy domu
 marks=$(console_marks)
 clock_line remus "$marks"
-kill_clocked $REMUS
+if [ "$VANISH" = 1 ]; then
+    shut_clocked $REMUS
+    [ -n "$T_KILL" ] || fail_and_stop failover_xen "could not shut remus's connection to port $PORT"
+    echo "REMUS_LAB_VANISH: remus's connection was shut, remus stays frozen until the guest's next line;" \
+         "the times below count from the shutdown, not from a SIGKILL"
+else
+    kill_clocked $REMUS
+fi
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
-wait $REMUS 2>/dev/null
+[ "$VANISH" = 1 ] || wait $REMUS 2>/dev/null
 poll_fast 120 runs_as_new "$OLD_DOMID"
 running_s=$(since "$t_kill")
 poll_fast 120 has_new_counters "$marks" 1
 printing_s=$(line_s remus)
+if [ "$VANISH" = 1 ]; then
+    kill -KILL $REMUS
+    wait $REMUS 2>/dev/null
+fi
+xl_phases "remus's standby" "$standby_pid"
 # Only now (a python3 start takes a second under emulation): the same work as the peer's part
 # stands between the kill and its guest's next line.
 acked=$(python3 -c 'import json, sys
@@ -348,7 +401,7 @@ if ! has_part peer; then
     :
 elif [ $runs = 0 ]; then
     PEER_OLD=$(xl domid domu)
-    xl -vvv remus -F -n -i 200 -s '' domu 'xl migrate-receive -r' > $OUTD/xl-remus-failover.log 2>&1 &
+    xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
     XLREMUS=$!
     t_start=$(uptime_s)
     xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
@@ -357,7 +410,8 @@ elif [ $runs = 0 ]; then
     peer_first=$(since "$t_start")
     incoming_state=$(xl_state domu--incoming)
     if [ "$(xl_checkpoints)" -ge $((1 + MORE)) ] && ! gone $XLREMUS; then
-        clock_exits xl-remus $XLREMUS "$(standby_xl)"
+        peer_standby_pid=$(standby_xl)
+        clock_exits xl-remus $XLREMUS "$peer_standby_pid"
         kill -STOP $XLREMUS
         xl destroy domu
         marks=$(console_marks)
@@ -369,6 +423,7 @@ elif [ $runs = 0 ]; then
         xl_running_s=$(since "$t_kill")
         poll_fast 120 has_new_counters "$marks" 1
         xl_printing_s=$(line_s xl-remus)
+        xl_phases "xl remus's standby" "$peer_standby_pid"
         poll_until 30 has_new_counters "$marks" 3
         xl list
         peer_counters=$(new_counters "$marks" | tr '\n' ' ')
