@@ -64,6 +64,15 @@ def expected_memory(guest: SyntheticXenGuest) -> dict[str, Any]:
             for pfn, (_word, data) in guest.memory.items()}
 
 
+def start_standby(checkpoints: int) -> tuple[bytes, SyntheticXenGuest, XenStandby]:
+    """A primary's stream of ``checkpoints`` checkpoints, its guest, and a standby started from
+    the session record at the stream's start (as the receiver starts one)."""
+    stream, guest = xen_session(checkpoints)
+    stream_info = BackupSession()
+    stream_info.receive_data(stream[:4096])
+    return stream, guest, XenStandby.start(stream_info.info)
+
+
 def test_the_tail_of_a_checkpoint_is_one_small_write() -> None:
     pieces = list(checkpoint_pieces({1: (1, bytes(4096))}, [1], []))
     assert pieces[-1] is CHECKPOINT_TAIL
@@ -72,10 +81,7 @@ def test_the_tail_of_a_checkpoint_is_one_small_write() -> None:
 
 
 def test_every_committed_checkpoint_reaches_xl_and_failover_runs_the_last(fake_xl: Path) -> None:
-    stream, guest = xen_session(6)
-    stream_info = BackupSession()
-    stream_info.receive_data(stream[:4096])
-    standby = XenStandby.start(stream_info.info)
+    stream, guest, standby = start_standby(6)
     wait_until(lambda: state(fake_xl)["domains"].get("domu--incoming"))
     session = follow(stream, standby, batched=True)
     assert session.image.seq == 6
@@ -102,10 +108,7 @@ def test_xl_fails_over_at_libxcs_end_record_while_the_guard_still_holds_the_pipe
     # The guard is not told and xl's stdin stays open: only libxc's END can start the failover
     # (without it activate() would give up after the shortened timeout below).
     monkeypatch.setattr("remus.xen.standby.ACTIVATE_TIMEOUT_S", 10.0)
-    stream, guest = xen_session(3)
-    stream_info = BackupSession()
-    stream_info.receive_data(stream[:4096])
-    standby = XenStandby.start(stream_info.info)
+    stream, guest, standby = start_standby(3)
     follow(stream, standby)
     told: list[bytes] = []
     monkeypatch.setattr(standby, "_tell_guard", told.append)
@@ -121,10 +124,7 @@ def test_xl_fails_over_at_libxcs_end_record_while_the_guard_still_holds_the_pipe
 
 
 def test_a_standby_given_no_checkpoint_gets_no_end_record_and_activate_fails(fake_xl: Path) -> None:
-    stream, _guest = xen_session(1)
-    stream_info = BackupSession()
-    stream_info.receive_data(stream[:4096])
-    standby = XenStandby.start(stream_info.info)
+    _stream, _guest, standby = start_standby(1)
     wait_until(lambda: state(fake_xl)["domains"].get("domu--incoming"))
     with pytest.raises(ActivationError, match="failed"):
         standby.activate()

@@ -1,9 +1,11 @@
 """The standby's guard: a receiver that dies must never turn into a failover.
 
 ``xl migrate-receive -r`` fails a domain over when its stdin reaches the end
-of the stream.  If the receiver held the only write end of that pipe, its
-death (SIGKILL, a crash, the OOM killer) would close it and start the standby
-domain while the primary may be running: two copies of one guest.  So
+of the stream (or libxc's END record, which only the receiver's
+``XenStandby.activate`` writes, once it has decided to fail over).  If the
+receiver held the only write end of that pipe, its death (SIGKILL, a crash,
+the OOM killer) would close it and start the standby domain while the primary
+may be running: two copies of one guest.  So
 ``remus.xen.standby`` starts this small process (``python3 -m
 remus.xen.standby_guard CONTROL_FD STREAM_FD XL_PID NAME``), in its own
 session, holding a second write end of xl's stdin (``STREAM_FD``) and the
