@@ -8,8 +8,8 @@ it.  ``FAKE_XL_LIST`` is what ``xl list -l`` prints.  ``xl migrate-receive -r``
 checks the checkpointed stream as xl, libxl and libxc do, notes what it saw in
 ``journal.jsonl`` and, at libxc's END record or the end of the stream (failover; the
 journal says which), writes the memory and state records of the last complete
-checkpoint to ``failover.json`` and renames ``NAME--incoming`` to ``NAME``; with ``FAKE_XL_HOLD=FILE`` it reads nothing after
-its banner until FILE exists.
+checkpoint to ``failover.json`` and renames ``NAME--incoming`` to ``NAME``; with
+``FAKE_XL_HOLD=FILE`` it reads nothing after its banner until FILE exists.
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ from the last complete checkpoint at once, without waiting for the guard to
 let go of its end of the pipe (it is told to next, and xl's stdin is closed).
 xl attaches its devices, renames it ``NAME``, leaves its monitoring daemon (no
 ``-e``: on_poweroff/on_reboot/on_crash apply as after ``xl create``) and
-unpauses it.  ``discard()`` (orderly end, refused or
-broken session) kills xl's process group and destroys ``NAME--incoming``; it
-starts nothing.  A standby that broke on the way (xl died, refused the stream)
-says so in ``broken``; the receiver then uses the cold path
+unpauses it.  ``discard()`` (orderly end, refused or broken session) kills
+xl's process group and destroys ``NAME--incoming``; it starts nothing.  A
+standby that broke on the way (xl died, refused the stream) says so in
+``broken``; the receiver then uses the cold path
 (``remus.xen.restore``).  Nothing here prints.
 """
 
