@@ -12,7 +12,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -23,19 +23,10 @@ from remus.xen.standby import XenStandby
 from remus.xen.standby_guard import destroy_standby
 from tests.fake_xl import fake_xl  # noqa: F401 - a fixture
 from tests.fake_xl import fake_xl_state as state
+from tests.helpers import wait_until
 from tests.xen_stream import STATE_TYPES, SyntheticXenGuest, xen_session
 
 TIMEOUT_S = 20.0
-
-
-def wait_until(what: Callable[[], Any], timeout_s: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = what()
-        if got:
-            return got
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.02)
 
 
 def journal(home: Path) -> list[dict[str, Any]]:
