@@ -262,10 +262,10 @@ class XenStandby:
         Returns ``domid``, ``name``, ``restore_s`` (from this call to the domain
         running), ``standby`` True, ``standby_seq`` (the checkpoint xl was given last),
         and where the time went: ``backlog_pages`` (pages still to write when the call
-        began), ``drain_s`` (writing them), ``end_of_stream_s`` (from the call to xl's
-        end of stream: libxc's END written, the guard told, xl's stdin closed) and
-        ``xl_s`` (from there to xl's exit: the domain completed, its devices attached,
-        renamed and unpaused).
+        began), ``drain_s`` (writing them), ``end_of_stream_s`` (from the call until
+        libxc's END was written, after which xl completes the domain) and ``xl_s`` (from
+        there to xl's exit: the domain completed, its devices attached, renamed and
+        unpaused).
 
         Raises:
             ActivationError: the standby is broken, xl could not be given every
@@ -295,9 +295,9 @@ class XenStandby:
             said = self._destroy()
             raise ActivationError(f"the standby of {self.name} could not be activated ({why}); {said}")
         self._end_stream()  # xl completes the domain from here on
+        ended_stream = time.monotonic()
         self._tell_guard(ACTIVATE)
         self._close_stream()
-        ended_stream = time.monotonic()
         try:
             status: Optional[int] = self._proc.wait(ACTIVATE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
