@@ -83,10 +83,15 @@ def line(path: str, pattern: str, logs: list[str]) -> int:
     return 1
 
 
+def stamp() -> str:
+    """The boot time and the wall time (Unix seconds), as ``kill`` and ``shut`` print them."""
+    return f"{boottime():.3f} {time.time():.3f}"
+
+
 def kill(pid: int) -> int:
-    now_boot, now_wall = boottime(), time.time()
+    now = stamp()
     os.kill(pid, signal.SIGKILL)
-    print(f"{now_boot:.3f} {now_wall:.3f}")
+    print(now)
     return 0
 
 
@@ -120,10 +125,10 @@ def shut(pid: int, port: int) -> int:
     if not found:
         print(f"process {pid} has no TCP connection to port {port}", file=sys.stderr)
         return 1
-    now_boot, now_wall = boottime(), time.time()
+    now = stamp()
     for sock in found:
         sock.shutdown(socket.SHUT_RDWR)
-    print(f"{now_boot:.3f} {now_wall:.3f}")
+    print(now)
     return 0
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+
+from exitclock import boottime  # beside this file: the same clock as the job's kill
 
 #: (what xl says, the landmark's name), in the order a failover says them (Xen 4.17.7:
 #: xg_sr_restore.c, xg_sr_restore_x86_pv.c, libxl_stream_read.c, xl_migrate.c).
@@ -34,10 +35,6 @@ LANDMARKS = (
     ("Remus Failover for domain", "failover_said"),
     ("libxl_domain_unpause", "unpause"),
 )
-
-
-def boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def run(directory: str, argv: list[str]) -> int:

@@ -151,19 +151,14 @@ clock_line() {
     poll 0.1 60 test -f "$_f.ready"
 }
 line_s() { wait $LINE_PID; after_kill "$OUTD/$1-next-line"; }
-# kill_clocked PRIMARY: SIGKILL it (frozen, its domain destroyed), stamped by the same clock; return
-# once the standby xl exited.  Sets T_KILL (boot time, /proc/uptime's clock), T_KILL_WALL,
-# UNPAUSED_S and PRIMARY_EXIT_S (seconds after the kill, or nan); receiver_exit_s says the
-# receiver's, once it has ended.  shut_clocked PRIMARY (REMUS_LAB_VANISH=1) shuts the frozen
-# PRIMARY's connection to the receiver instead and leaves it frozen (PRIMARY_EXIT_S is nan).
-shut_clocked() {
-    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" shut "$1" $PORT)
-    T_KILL=$1 T_KILL_WALL=$2
-    wait $CLOCK_PIDS
-    UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=nan
-}
-kill_clocked() {
-    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" kill "$1")
+# end_clocked kill PRIMARY: SIGKILL it (frozen, its domain destroyed), stamped by the same clock;
+# end_clocked shut PRIMARY PORT (REMUS_LAB_VANISH=1): shut the frozen PRIMARY's connections to
+# PORT instead and leave it frozen.  Either returns once the standby xl exited and sets T_KILL
+# (boot time, /proc/uptime's clock), T_KILL_WALL, UNPAUSED_S and PRIMARY_EXIT_S (seconds after
+# the kill, or nan: a primary not clocked or not ended); receiver_exit_s says the receiver's,
+# once it has ended.
+end_clocked() {
+    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" "$@")
     T_KILL=$1 T_KILL_WALL=$2
     wait $CLOCK_PIDS
     UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$CLOCKED-primary-exit")
@@ -307,12 +302,12 @@ xl destroy domu
 marks=$(console_marks)
 clock_line remus "$marks"
 if [ "$VANISH" = 1 ]; then
-    shut_clocked $REMUS
+    end_clocked shut $REMUS $PORT
     [ -n "$T_KILL" ] || fail_and_stop failover_xen "could not shut remus's connection to port $PORT"
     echo "REMUS_LAB_VANISH: remus's connection was shut, remus stays frozen until the guest's next line;" \
          "the times below count from the shutdown, not from a SIGKILL"
 else
-    kill_clocked $REMUS
+    end_clocked kill $REMUS
 fi
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
 [ "$VANISH" = 1 ] || wait $REMUS 2>/dev/null
@@ -416,7 +411,7 @@ elif [ $runs = 0 ]; then
         xl destroy domu
         marks=$(console_marks)
         clock_line xl-remus "$marks"
-        kill_clocked $XLREMUS
+        end_clocked kill $XLREMUS
         t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
         wait $XLREMUS 2>/dev/null
         poll_fast 120 runs_as_new "$PEER_OLD"
