@@ -5,10 +5,11 @@
 #
 # Prints every RESULT line and a closing "xenlab: N passed, N failed, N skipped".  On a failure
 # it also prints the lab's own logs (job log tail, serial console, dom0 dmesg, xl dmesg, guest
-# consoles).  Exit status: 0 when nothing failed; 1 otherwise.  When the lab cannot be built
-# here for a reason outside the project (build.sh exit 3: not root, a package or the Xen
-# source gone from the mirror, no network), the lab tests are reported SKIPPED with that
-# reason and the exit status is 0 - never a pass that did not happen.
+# consoles), then the FAIL lines once more, last.  Exit status: 0 when nothing failed; 1
+# otherwise.  When the lab cannot be built here for a reason outside the project (build.sh
+# exit 3: not root, a package or the Xen source gone from the mirror, no network), the lab
+# tests are reported SKIPPED with that reason and the exit status is 0 - never a pass that
+# did not happen.
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 TIMEOUT_S=2700
@@ -55,6 +56,9 @@ if [ "${failed:-0}" != 0 ]; then
         [ -f "$f" ] || continue
         echo; echo "=== last lines of $f"; tail -n 60 "$f"
     done
+    # Again, last: a CI page that keeps only the tail of the output still names what failed.
+    echo; echo "=== what failed"
+    grep '^RESULT [^ ]* FAIL' "$log" 2>/dev/null
 fi
 echo "xenlab: ${passed:-0} passed, ${failed:-0} failed, ${skips:-0} skipped"
 [ "${failed:-0}" = 0 ]

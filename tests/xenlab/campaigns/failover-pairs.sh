@@ -10,28 +10,34 @@
 # pair-N.log, its primary's smaps summary as pair-N-primary-smaps.txt).  A pair whose `xl remus`
 # part did not complete counts as missing, not as a win.  Prints RESULT failover_pairs PASS when
 # every remus failover passed (the ratios are measurements, not assertions).
+# REMUS_LAB_ORDER=alternate: even pairs run `xl remus` first (REMUS_LAB_XL_FIRST=1), so that each
+# side runs first on a fresh guest as often as the other; the table's "order" column says which.
 . "$REMUS_LAB_SRC/tests/xenlab/dom0-lib.sh"
 PAIRS=${REMUS_LAB_PAIRS:-4}
 OUTD=$REMUS_LAB_OUT
 TABLE=$OUTD/failover-pairs.tsv
-printf 'pair\tremus_unpaused\tremus_next_line\tprimary_exit\tloss_seen\txl_completion\txl_remus_unpaused\txl_remus_next_line\txl_primary_exit\n' > $TABLE
+printf 'pair\torder\tremus_unpaused\tremus_next_line\tprimary_exit\tloss_seen\txl_completion\txl_remus_unpaused\txl_remus_next_line\txl_primary_exit\n' > $TABLE
 failed=0
 i=1
 while [ $i -le "$PAIRS" ]; do
     section "pair $i of $PAIRS"
-    FAILOVER_PARTS="failover peer" sh "$REMUS_LAB_SRC/tests/xenlab/jobs/failover-xen.sh" 2>&1 |
+    xl_first=0
+    [ "${REMUS_LAB_ORDER:-}" = alternate ] && [ $((i % 2)) = 0 ] && xl_first=1
+    FAILOVER_PARTS="failover peer" REMUS_LAB_XL_FIRST=$xl_first \
+        sh "$REMUS_LAB_SRC/tests/xenlab/jobs/failover-xen.sh" 2>&1 |
         tee $OUTD/pair-$i.log
     cp $OUTD/failover-primary-smaps.txt $OUTD/pair-$i-primary-smaps.txt 2>/dev/null
     grep -q '^RESULT failover_xen PASS' $OUTD/pair-$i.log || failed=$((failed + 1))
-    python3 - "$i" $OUTD/pair-$i.log >> $TABLE <<'EOF'
+    python3 - "$i" $OUTD/pair-$i.log $xl_first >> $TABLE <<'EOF'
 import re, sys
 pair, text = sys.argv[1], open(sys.argv[2]).read()
+order = "xl_first" if sys.argv[3] == "1" else "remus_first"
 def find(pattern, line):
     m = re.search(pattern, line or "")
     return m.group(1) if m else "nan"
 ours = next((l for l in text.splitlines() if l.startswith("RESULT failover_xen ")), "")
 peer = next((l for l in text.splitlines() if l.startswith("RESULT xl_remus_failover PASS")), "")
-print("\t".join([pair,
+print("\t".join([pair, order,
     find(r"SIGKILL to unpaused \(xl's exit\) ([\d.na]+)s", ours),
     find(r"to the guest's next line ([\d.na]+)s", ours),
     find(r"exited ([\d.na]+)s after the SIGKILL", ours),
@@ -67,6 +73,14 @@ for ours, theirs, what in (("remus_unpaused", "xl_remus_unpaused", "unpaused"),
     print(f"{what}: remus median {m_ours:.2f} s ({n_ours} runs), xl remus median {m_theirs:.2f} s "
           f"({n_theirs} runs); ratio per pair {' '.join(f'{r:.2f}' for r in ratios) or 'none'}, "
           f"median {statistics.median(ratios) if ratios else float('nan'):.2f}")
+orders = sorted({r[head.index("order")] for r in rows})
+if len(orders) > 1:  # REMUS_LAB_ORDER=alternate: the unpaused ratio by which side ran first
+    k, j, o = head.index("remus_unpaused"), head.index("xl_remus_unpaused"), head.index("order")
+    for order in orders:
+        ratios = [float(r[k]) / float(r[j]) for r in rows
+                  if r[o] == order and "nan" not in (r[k], r[j]) and float(r[j]) > 0]
+        print(f"unpaused, {order}: ratio per pair {' '.join(f'{r:.2f}' for r in ratios) or 'none'}, "
+              f"median {statistics.median(ratios) if ratios else float('nan'):.2f}")
 for name in ("primary_exit", "loss_seen", "xl_completion", "xl_primary_exit"):
     values = column(name)
     print(f"{name}: " + (f"{min(values):.2f} to {max(values):.2f} s, median "

@@ -45,6 +45,9 @@
 # killed only after the guest's next line; its times count from the shutdown.  On this one dom0
 # a killed primary's teardown (0.2 to 0.5 s of its address space, under emulation) runs beside
 # xl completing the standby; across two hosts it would not (docs/standby.md).
+# REMUS_LAB_XL_FIRST=1 (off by default): the peer's failover runs first, on the fresh guest, and
+# remus then protects the guest `xl remus` failed over (or, when that failover did not complete, a
+# freshly created one): whether the order of the two parts is what makes one of them slower.
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
@@ -62,6 +65,7 @@ has_part() { case " $PARTS " in *" $1 "*) true ;; *) false ;; esac; }
 KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
 PORT=8002  # remus's and remus-receiver's default
 VANISH=${REMUS_LAB_VANISH:-0}
+XL_FIRST=${REMUS_LAB_XL_FIRST:-0}
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
@@ -202,6 +206,80 @@ fail_and_stop() {  # $1: result name; the rest: why
     exit 1
 }
 
+# peer_failover: `xl remus` protects the running domu until its first checkpoint and MORE more,
+# then its primary dies the same way as remus's (frozen, domain destroyed, SIGKILL).  Sets
+# PEER_DONE=1 when xl remus's standby runs as the new domu and printed a line (the xl_* times
+# then hold), otherwise PEER_WHY; prints no RESULT (peer_report does, once remus's times are in).
+peer_failover() {
+    PEER_DONE=0 PEER_WHY=
+    PEER_OLD=$(xl domid domu)
+    xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
+    XLREMUS=$!
+    t_start=$(uptime_s)
+    poll_until "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
+    peer_first=$(since "$t_start")
+    peer_incoming_state=$(xl_state domu--incoming)
+    if [ "$(xl_checkpoints)" -lt $((1 + MORE)) ] || gone $XLREMUS; then
+        kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS
+        PEER_WHY="xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s (exit $?; see xl-remus-failover.log)"
+        return
+    fi
+    peer_standby_pid=$(standby_xl)
+    clock_exits xl-remus $XLREMUS "$peer_standby_pid"
+    kill -STOP $XLREMUS
+    xl destroy domu
+    marks=$(console_marks)
+    clock_line xl-remus "$marks"
+    end_clocked kill $XLREMUS
+    t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
+    wait $XLREMUS 2>/dev/null
+    poll_fast 120 runs_as_new "$PEER_OLD"
+    xl_running_s=$(since "$t_kill")
+    poll_fast 120 has_new_counters "$marks" 1
+    xl_printing_s=$(line_s xl-remus)
+    xl_phases "xl remus's standby" "$peer_standby_pid"
+    poll_until 30 has_new_counters "$marks" 3
+    xl list
+    peer_counters=$(new_counters "$marks" | tr '\n' ' ')
+    if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
+        PEER_DONE=1
+        NEW_LOG=$(the_counter_log "$marks")
+        [ -n "$NEW_LOG" ] && DOMU_CONSOLE=$NEW_LOG
+    else
+        PEER_WHY="xl remus's standby did not run as domu within 120 s of the SIGKILL (see xl-remus-failover.log)"
+    fi
+}
+xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
+xl_reach() { [ "$(xl_checkpoints)" -ge "$1" ] || gone $XLREMUS; }
+# peer_report: xl_remus_failover's RESULT, with remus's times and the ratio remus/xl
+peer_report() {
+    if [ "$PEER_DONE" = 1 ]; then
+        ratio=$(python3 -c 'import sys
+r, x = map(float, sys.argv[1:4]), map(float, sys.argv[4:7])
+print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUNNING_S" "$REMUS_PRINTING_S" \
+            "$xl_unpaused_s" "$xl_running_s" "$xl_printing_s")
+        result xl_remus_failover PASS "xl remus (domu--incoming $peer_incoming_state, $(xl_checkpoints)" \
+            "checkpoints after ${peer_first}s): SIGKILL to unpaused (xl's exit) ${xl_unpaused_s}s, to running" \
+            "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
+            "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
+            "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
+            "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID"
+    else
+        result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID"
+        grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
+    fi
+}
+# fresh_domu: a running domu again, after a failover that did not complete: the standby xl killed,
+# what is left of domu and domu--incoming destroyed, domu created and waited for until its console
+# prints a counter line (in guest-domu.log, which then is DOMU_CONSOLE again).
+fresh_domu() {
+    pkill -KILL -f "$STANDBY_XL_PATTERN"
+    for _name in domu domu--incoming; do xl destroy $_name > /dev/null 2>&1; done
+    _marks=$(console_marks)
+    DOMU_CONSOLE=/var/log/xen/console/guest-domu.log
+    lab_xl_create domu $DOMU_CFG && poll_until 120 has_new_counters "$_marks" 1
+}
+
 # ---------------------------------------------------------------------------------------------
 OLD_DOMID=$(xl domid domu)
 if has_part orderly; then
@@ -261,6 +339,18 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 has_part failover || exit $FAILS
+ORDER_SAID="order: remus first, on a fresh guest"
+if [ "$XL_FIRST" = 1 ] && has_part peer; then
+    section "REMUS_LAB_XL_FIRST=1: the peer's failover first, then remus protects the guest xl remus failed over"
+    ORDER_SAID="order: xl remus first, on a fresh guest (REMUS_LAB_XL_FIRST=1)"
+    peer_failover
+    if [ "$PEER_DONE" != 1 ]; then
+        echo "$PEER_WHY; remus protects a freshly created domu instead"
+        fresh_domu || fail_and_stop failover_xen "no fresh domu after xl remus's failover did not complete"
+        ORDER_SAID="order: xl remus first (REMUS_LAB_XL_FIRST=1; its failover did not complete, remus's ran on a fresh guest)"
+    fi
+    OLD_DOMID=$(xl domid domu)
+fi
 section "failover to the standby: the primary dies after its first checkpoint and $MORE more"
 start_protection failover_xen
 poll_until "$FIRST_TIMEOUT" commits_reach 1
@@ -394,63 +484,16 @@ REMUS_PRIMARY_EXIT_S=$primary_exit_s
 section "the peer: xl remus -F -n -i 200 -s '' domu 'xl migrate-receive -r', killed the same way"
 if ! has_part peer; then
     :
+elif [ "$XL_FIRST" = 1 ]; then
+    peer_report  # its failover ran before remus's
 elif [ $runs = 0 ]; then
-    PEER_OLD=$(xl domid domu)
-    xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
-    XLREMUS=$!
-    t_start=$(uptime_s)
-    xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
-    xl_reach() { [ "$(xl_checkpoints)" -ge "$1" ] || gone $XLREMUS; }
-    poll_until "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
-    peer_first=$(since "$t_start")
-    incoming_state=$(xl_state domu--incoming)
-    if [ "$(xl_checkpoints)" -ge $((1 + MORE)) ] && ! gone $XLREMUS; then
-        peer_standby_pid=$(standby_xl)
-        clock_exits xl-remus $XLREMUS "$peer_standby_pid"
-        kill -STOP $XLREMUS
-        xl destroy domu
-        marks=$(console_marks)
-        clock_line xl-remus "$marks"
-        end_clocked kill $XLREMUS
-        t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
-        wait $XLREMUS 2>/dev/null
-        poll_fast 120 runs_as_new "$PEER_OLD"
-        xl_running_s=$(since "$t_kill")
-        poll_fast 120 has_new_counters "$marks" 1
-        xl_printing_s=$(line_s xl-remus)
-        xl_phases "xl remus's standby" "$peer_standby_pid"
-        poll_until 30 has_new_counters "$marks" 3
-        xl list
-        peer_counters=$(new_counters "$marks" | tr '\n' ' ')
-        if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
-            ratio=$(python3 -c 'import sys
-r, x = map(float, sys.argv[1:4]), map(float, sys.argv[4:7])
-print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUNNING_S" "$REMUS_PRINTING_S" \
-                "$xl_unpaused_s" "$xl_running_s" "$xl_printing_s")
-            result xl_remus_failover PASS "xl remus (domu--incoming $incoming_state, $(xl_checkpoints)" \
-                "checkpoints after ${peer_first}s): SIGKILL to unpaused (xl's exit) ${xl_unpaused_s}s, to running" \
-                "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
-                "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
-                "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
-                "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s)"
-        else
-            result xl_remus_failover SKIP "xl remus's standby did not run as domu within 120 s of the SIGKILL" \
-                "(see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
-            grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
-        fi
-    else
-        kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS
-        result xl_remus_failover SKIP "xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s" \
-            "(exit $?; see xl-remus-failover.log); remus: ${REMUS_RUNNING_S}s / ${REMUS_PRINTING_S}s"
-        grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
-    fi
+    peer_failover
+    peer_report
 else
     result xl_remus_failover SKIP "remus's failed-over guest does not run"
 fi
 
 # A fresh domu (logging to guest-domu.log) for the jobs after this one; no standby xl left behind
 # (one of `xl remus` that did not complete stays, and a later run would clock it).
-pkill -KILL -f "$STANDBY_XL_PATTERN"
-for name in domu domu--incoming; do xl destroy $name > /dev/null 2>&1; done
-lab_domu_up || result failover_cleanup FAIL "a fresh domu did not come up"
+fresh_domu || result failover_cleanup FAIL "a fresh domu did not come up"
 exit $FAILS
