@@ -220,8 +220,8 @@ peer_failover() {
     peer_first=$(since "$t_start")
     peer_incoming_state=$(xl_state domu--incoming)
     if [ "$(xl_checkpoints)" -lt $((1 + MORE)) ] || gone $XLREMUS; then
-        kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS
-        PEER_WHY="xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s (exit $?; see xl-remus-failover.log)"
+        kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS; _rc=$?
+        PEER_WHY="xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s (exit $_rc; see xl-remus-failover.log)"
         return
     fi
     peer_standby_pid=$(standby_xl)
