@@ -111,13 +111,17 @@ lab_xl_create() {
     done
 }
 
+# lab_domu_up: domu running and printing its counter in DOMU_CONSOLE; a domu it creates counts as
+# up only once it printed a line of its own (xenconsoled appends: an older domu's lines stay there).
 lab_domu_up() {
+    _seen=0
     if ! xl domid domu > /dev/null 2>&1; then
+        _seen=$(count_lines $DOMU_CONSOLE 'domU counter')
         lab_xl_create domu $DOMU_CFG || return 1
     fi
     _i=0
     while [ $_i -lt 120 ]; do
-        [ -n "$(domu_counter)" ] && return 0
+        [ "$(count_lines $DOMU_CONSOLE 'domU counter')" -gt "$_seen" ] && return 0
         sleep 1; _i=$((_i + 1))
     done
     return 1

@@ -64,23 +64,23 @@ def column(name):
 def med(name):
     values = column(name)
     return (statistics.median(values), len(values)) if values else (float("nan"), 0)
+def ratios(ours, theirs, order=None):
+    """ours/theirs per pair where both were measured (of the pairs run in ORDER, if given),
+    said as "ratio per pair ..., median ..."."""
+    k, j, o = head.index(ours), head.index(theirs), head.index("order")
+    values = [float(r[k]) / float(r[j]) for r in rows
+              if order in (None, r[o]) and "nan" not in (r[k], r[j]) and float(r[j]) > 0]
+    return (f"ratio per pair {' '.join(f'{v:.2f}' for v in values) or 'none'}, "
+            f"median {statistics.median(values) if values else float('nan'):.2f}")
 for ours, theirs, what in (("remus_unpaused", "xl_remus_unpaused", "unpaused"),
                            ("remus_next_line", "xl_remus_next_line", "next line")):
-    k, j = head.index(ours), head.index(theirs)
-    ratios = [float(r[k]) / float(r[j]) for r in rows
-              if "nan" not in (r[k], r[j]) and float(r[j]) > 0]
     (m_ours, n_ours), (m_theirs, n_theirs) = med(ours), med(theirs)
     print(f"{what}: remus median {m_ours:.2f} s ({n_ours} runs), xl remus median {m_theirs:.2f} s "
-          f"({n_theirs} runs); ratio per pair {' '.join(f'{r:.2f}' for r in ratios) or 'none'}, "
-          f"median {statistics.median(ratios) if ratios else float('nan'):.2f}")
+          f"({n_theirs} runs); {ratios(ours, theirs)}")
 orders = sorted({r[head.index("order")] for r in rows})
 if len(orders) > 1:  # REMUS_LAB_ORDER=alternate: the unpaused ratio by which side ran first
-    k, j, o = head.index("remus_unpaused"), head.index("xl_remus_unpaused"), head.index("order")
     for order in orders:
-        ratios = [float(r[k]) / float(r[j]) for r in rows
-                  if r[o] == order and "nan" not in (r[k], r[j]) and float(r[j]) > 0]
-        print(f"unpaused, {order}: ratio per pair {' '.join(f'{r:.2f}' for r in ratios) or 'none'}, "
-              f"median {statistics.median(ratios) if ratios else float('nan'):.2f}")
+        print(f"unpaused, {order}: {ratios('remus_unpaused', 'xl_remus_unpaused', order)}")
 for name in ("primary_exit", "loss_seen", "xl_completion", "xl_primary_exit"):
     values = column(name)
     print(f"{name}: " + (f"{min(values):.2f} to {max(values):.2f} s, median "

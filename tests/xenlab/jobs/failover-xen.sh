@@ -207,11 +207,12 @@ fail_and_stop() {  # $1: result name; the rest: why
 }
 
 # peer_failover: `xl remus` protects the running domu until its first checkpoint and MORE more,
-# then its primary dies the same way as remus's (frozen, domain destroyed, SIGKILL).  Sets
-# PEER_DONE=1 when xl remus's standby runs as the new domu and printed a line (the xl_* times
-# then hold), otherwise PEER_WHY; prints no RESULT (peer_report does, once remus's times are in).
+# then its primary dies the same way as remus's (frozen, domain destroyed, SIGKILL).  True (and
+# PEER_WHY empty) when xl remus's standby runs as the new domu and printed a line (the xl_* times
+# then hold); otherwise false, PEER_WHY says why.  Prints no RESULT (peer_report does, once
+# remus's times are in).
 peer_failover() {
-    PEER_DONE=0 PEER_WHY=
+    PEER_WHY=
     PEER_OLD=$(xl domid domu)
     xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
     XLREMUS=$!
@@ -222,7 +223,7 @@ peer_failover() {
     if [ "$(xl_checkpoints)" -lt $((1 + MORE)) ] || gone $XLREMUS; then
         kill -INT $XLREMUS 2>/dev/null; wait $XLREMUS; _rc=$?
         PEER_WHY="xl remus made $(xl_checkpoints) checkpoints in ${peer_first}s (exit $_rc; see xl-remus-failover.log)"
-        return
+        return 1
     fi
     peer_standby_pid=$(standby_xl)
     clock_exits xl-remus $XLREMUS "$peer_standby_pid"
@@ -241,19 +242,19 @@ peer_failover() {
     poll_until 30 has_new_counters "$marks" 3
     xl list
     peer_counters=$(new_counters "$marks" | tr '\n' ' ')
-    if runs_as_new "$PEER_OLD" && has_new_counters "$marks" 1; then
-        PEER_DONE=1
-        NEW_LOG=$(the_counter_log "$marks")
-        [ -n "$NEW_LOG" ] && DOMU_CONSOLE=$NEW_LOG
-    else
+    if ! runs_as_new "$PEER_OLD" || ! has_new_counters "$marks" 1; then
         PEER_WHY="xl remus's standby did not run as domu within 120 s of the SIGKILL (see xl-remus-failover.log)"
+        return 1
     fi
+    NEW_LOG=$(the_counter_log "$marks")
+    [ -n "$NEW_LOG" ] && DOMU_CONSOLE=$NEW_LOG
+    return 0
 }
 xl_checkpoints() { count_lines $OUTD/xl-remus-failover.log 'Checkpointed save'; }
 xl_reach() { [ "$(xl_checkpoints)" -ge "$1" ] || gone $XLREMUS; }
 # peer_report: xl_remus_failover's RESULT, with remus's times and the ratio remus/xl
 peer_report() {
-    if [ "$PEER_DONE" = 1 ]; then
+    if [ -z "$PEER_WHY" ]; then
         ratio=$(python3 -c 'import sys
 r, x = map(float, sys.argv[1:4]), map(float, sys.argv[4:7])
 print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUNNING_S" "$REMUS_PRINTING_S" \
@@ -270,14 +271,13 @@ print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUN
     fi
 }
 # fresh_domu: a running domu again, after a failover that did not complete: the standby xl killed,
-# what is left of domu and domu--incoming destroyed, domu created and waited for until its console
-# prints a counter line (in guest-domu.log, which then is DOMU_CONSOLE again).
+# what is left of domu and domu--incoming destroyed, domu created by lab_domu_up (it logs to
+# guest-domu.log, which then is DOMU_CONSOLE again).
 fresh_domu() {
     pkill -KILL -f "$STANDBY_XL_PATTERN"
     for _name in domu domu--incoming; do xl destroy $_name > /dev/null 2>&1; done
-    _marks=$(console_marks)
     DOMU_CONSOLE=/var/log/xen/console/guest-domu.log
-    lab_xl_create domu $DOMU_CFG && poll_until 120 has_new_counters "$_marks" 1
+    lab_domu_up
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +343,7 @@ ORDER_SAID="order: remus first, on a fresh guest"
 if [ "$XL_FIRST" = 1 ] && has_part peer; then
     section "REMUS_LAB_XL_FIRST=1: the peer's failover first, then remus protects the guest xl remus failed over"
     ORDER_SAID="order: xl remus first, on a fresh guest (REMUS_LAB_XL_FIRST=1)"
-    peer_failover
-    if [ "$PEER_DONE" != 1 ]; then
+    if ! peer_failover; then
         echo "$PEER_WHY; remus protects a freshly created domu instead"
         fresh_domu || fail_and_stop failover_xen "no fresh domu after xl remus's failover did not complete"
         ORDER_SAID="order: xl remus first (REMUS_LAB_XL_FIRST=1; its failover did not complete, remus's ran on a fresh guest)"
