@@ -4,8 +4,8 @@
                                          (CLOCK_BOOTTIME, /proc/uptime's clock) at which PID
                                          exits to FILE; after WAIT_LIMIT_S without an exit, no
                                          FILE
-    python3 exitclock.py kill PID        SIGKILL PID; print the boot time and the wall time
-                                         (Unix seconds) read just before it
+    python3 exitclock.py kill PID...     SIGKILL each PID, in order; print the boot time and the
+                                         wall time (Unix seconds) read just before the first
     python3 exitclock.py shut PID PORT   shut down (SHUT_RDWR) PID's TCP connections to PORT,
                                          taken with pidfd_getfd, leaving PID as it is (a frozen
                                          primary "vanishes" without its teardown); print the
@@ -21,7 +21,7 @@ polling load to the emulated dom0 while a failover is being timed: polling with 
 there lagged by up to a second when dom0 was busy.  The line watcher reads its logs every
 ``LINE_POLL_S`` (they are a guest's console logs, a few kilobytes), so it is started before the
 moment it times and a shell loop does not stand between that moment and the stamp.  Never kills
-anything but the PID it is given, never writes to a LOG, shuts no connection but PID's to PORT.
+anything but the PIDs it is given, never writes to a LOG, shuts no connection but PID's to PORT.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def stamp() -> str:
     return f"{boottime():.3f} {time.time():.3f}"
 
 
-def kill(pid: int) -> int:
+def kill(pids: list[int]) -> int:
     now = stamp()
-    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     print(now)
     return 0
 
@@ -135,8 +136,8 @@ def shut(pid: int, port: int) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "wait":
         return wait(int(argv[1]), argv[2])
-    if len(argv) == 2 and argv[0] == "kill":
-        return kill(int(argv[1]))
+    if len(argv) >= 2 and argv[0] == "kill":
+        return kill([int(pid) for pid in argv[1:]])
     if len(argv) == 3 and argv[0] == "shut":
         return shut(int(argv[1]), int(argv[2]))
     if len(argv) >= 4 and argv[0] == "line":

@@ -45,6 +45,11 @@
 # killed only after the guest's next line; its times count from the shutdown.  On this one dom0
 # a killed primary's teardown (0.2 to 0.5 s of its address space, under emulation) runs beside
 # xl completing the standby; across two hosts it would not (docs/standby.md).
+# REMUS_LAB_BALLAST=PRIVATE_MIB:SHARED_MIB (an experiment, off by default; "1" means 32:64):
+# `xl remus`'s primary dies beside a process shaped like remus's (tests/xenlab/ballast.py: that
+# much private memory, and a shared mapping whose page-table entries it dropped, as remus's
+# compression cache), frozen with it and SIGKILLed at the same moment, so that both failovers run
+# beside the same teardown on this one dom0.  The peer's RESULT then says "ballast".
 # REMUS_LAB_XL_FIRST=1 (off by default): the peer's failover runs first, on the fresh guest, and
 # remus then protects the guest `xl remus` failed over (or, when that failover did not complete, a
 # freshly created one): whether the order of the two parts is what makes one of them slower.
@@ -65,6 +70,8 @@ has_part() { case " $PARTS " in *" $1 "*) true ;; *) false ;; esac; }
 KEY=/tmp/remus-lab-failover.key  # not on the results mount: a key file must be private
 PORT=8002  # remus's and remus-receiver's default
 VANISH=${REMUS_LAB_VANISH:-0}
+BALLAST=${REMUS_LAB_BALLAST:-}
+[ "$BALLAST" = 1 ] && BALLAST=32:64
 XL_FIRST=${REMUS_LAB_XL_FIRST:-0}
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
@@ -227,13 +234,22 @@ peer_failover() {
     fi
     peer_standby_pid=$(standby_xl)
     clock_exits xl-remus $XLREMUS "$peer_standby_pid"
+    BALLAST_PID= BALLAST_SAID=
+    if [ -n "$BALLAST" ]; then
+        rm -f $OUTD/ballast.ready
+        python3 "$REMUS_LAB_SRC/tests/xenlab/ballast.py" $OUTD/ballast.ready ${BALLAST%:*} ${BALLAST#*:} &
+        BALLAST_PID=$!
+        poll 0.1 120 test -f $OUTD/ballast.ready
+        BALLAST_SAID="; ballast ($BALLAST MiB, RSS $(rss_mib $BALLAST_PID) MiB) killed with its primary"
+        kill -STOP $BALLAST_PID
+    fi
     kill -STOP $XLREMUS
     xl destroy domu
     marks=$(console_marks)
     clock_line xl-remus "$marks"
-    end_clocked kill $XLREMUS
+    end_clocked kill $XLREMUS $BALLAST_PID
     t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
-    wait $XLREMUS 2>/dev/null
+    wait $XLREMUS $BALLAST_PID 2>/dev/null
     poll_fast 120 runs_as_new "$PEER_OLD"
     xl_running_s=$(since "$t_kill")
     poll_fast 120 has_new_counters "$marks" 1
@@ -264,7 +280,7 @@ print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUN
             "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
             "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
             "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
-            "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID"
+            "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID$BALLAST_SAID"
     else
         result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID"
         grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
