@@ -110,6 +110,12 @@ commits_reach() { [ "$(commits)" -ge "$1" ] || gone $REMUS || gone $RECEIVER; }
 both_run_with() { [ "$(commits)" -ge "$1" ] && ! gone $REMUS && ! gone $RECEIVER; }
 no_domain() { ! xl domid "$1" > /dev/null 2>&1; }
 domains_named() { xl list 2>/dev/null | awk -v n="$1" '$1 == n' | grep -c ''; }
+# dying_domains: what `xl list` shows as dying ("(null)": destroyed, its memory still referenced,
+# e.g. mapped by a process that has not let go of it yet), or "none"
+dying_domains() {
+    xl list 2>/dev/null | awk 'NR > 1 && $1 == "(null)" {printf "%sid %s (%s MiB, %s)", sep, $2, $3, $5; sep = ", "}
+                               END {if (!sep) printf "none"}'
+}
 rss_mib() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' /proc/$1/status 2>/dev/null; }
 hwm_mib() { awk '/^VmHWM/ {printf "%.0f", $2 / 1024}' /proc/$1/status 2>/dev/null; }
 # console_marks: the line count of each console log (new lines are those beyond it)
@@ -245,6 +251,7 @@ peer_failover() {
     fi
     kill -STOP $XLREMUS
     xl destroy domu
+    echo "domu destroyed, xl remus frozen: dying domains: $(dying_domains)"
     marks=$(console_marks)
     clock_line xl-remus "$marks"
     end_clocked kill $XLREMUS $BALLAST_PID
@@ -404,6 +411,7 @@ fi
 kill -STOP $REMUS
 [ "${REMUS_LAB_IDLE_DYING:-0}" = 1 ] && chrt --idle -a -p 0 $REMUS
 xl destroy domu
+echo "domu destroyed, remus frozen: dying domains: $(dying_domains)"
 marks=$(console_marks)
 clock_line remus "$marks"
 if [ "$VANISH" = 1 ]; then
