@@ -48,8 +48,9 @@
 # REMUS_LAB_BALLAST=PRIVATE_MIB:SHARED_MIB (an experiment, off by default; "1" means 32:64):
 # `xl remus`'s primary dies beside a process shaped like remus's (tests/xenlab/ballast.py: that
 # much private memory, and a shared mapping whose page-table entries it dropped, as remus's
-# compression cache), frozen with it and SIGKILLed at the same moment, so that both failovers run
-# beside the same teardown on this one dom0.  The peer's RESULT then says "ballast".
+# compression cache; and, as the primary holds pages of its domain through libxc, a page of domu,
+# so that the destroyed domu stays dying until its teardown), frozen with it and SIGKILLed at the
+# same moment, so that both failovers run beside the same teardown on this one dom0.  The peer's RESULT then says "ballast".
 # REMUS_LAB_XL_FIRST=1 (off by default): the peer's failover runs first, on the fresh guest, and
 # remus then protects the guest `xl remus` failed over (or, when that failover did not complete, a
 # freshly created one): whether the order of the two parts is what makes one of them slower.
@@ -243,10 +244,14 @@ peer_failover() {
     BALLAST_PID= BALLAST_SAID=
     if [ -n "$BALLAST" ]; then
         rm -f $OUTD/ballast.ready
-        python3 "$REMUS_LAB_SRC/tests/xenlab/ballast.py" $OUTD/ballast.ready ${BALLAST%:*} ${BALLAST#*:} &
+        # ...holding a page of domu (its xenstore page), as the primary holds pages through libxc
+        _dom=$(xl domid domu)
+        _mfn=$(xenstore-read /local/domain/$_dom/store/ring-ref 2>/dev/null)
+        python3 "$REMUS_LAB_SRC/tests/xenlab/ballast.py" $OUTD/ballast.ready ${BALLAST%:*} ${BALLAST#*:} \
+            ${_mfn:+$_dom $_mfn} &
         BALLAST_PID=$!
         poll 0.1 120 test -f $OUTD/ballast.ready
-        BALLAST_SAID="; ballast ($BALLAST MiB, RSS $(rss_mib $BALLAST_PID) MiB) killed with its primary"
+        BALLAST_SAID="; ballast ($BALLAST MiB, RSS $(rss_mib $BALLAST_PID) MiB, $(cat $OUTD/ballast.ready 2>/dev/null)) killed with its primary"
         kill -STOP $BALLAST_PID
     fi
     kill -STOP $XLREMUS
