@@ -50,7 +50,8 @@
 # much private memory, and a shared mapping whose page-table entries it dropped, as remus's
 # compression cache; and, as the primary holds pages of its domain through libxc, a page of domu,
 # so that the destroyed domu stays dying until its teardown), frozen with it and SIGKILLed at the
-# same moment, so that both failovers run beside the same teardown on this one dom0.  The peer's RESULT then says "ballast".
+# same moment, so that both failovers run beside the same teardown on this one dom0.  The peer's
+# RESULT then says "ballast".
 # REMUS_LAB_XL_FIRST=1 (off by default): the peer's failover runs first, on the fresh guest, and
 # remus then protects the guest `xl remus` failed over (or, when that failover did not complete, a
 # freshly created one): whether the order of the two parts is what makes one of them slower.
@@ -251,7 +252,8 @@ peer_failover() {
             ${_mfn:+$_dom $_mfn} &
         BALLAST_PID=$!
         poll 0.1 120 test -f $OUTD/ballast.ready
-        BALLAST_SAID="; ballast ($BALLAST MiB, RSS $(rss_mib $BALLAST_PID) MiB, $(cat $OUTD/ballast.ready 2>/dev/null)) killed with its primary"
+        _held=$(cat $OUTD/ballast.ready 2>/dev/null)
+        BALLAST_SAID="; ballast ($BALLAST MiB, RSS $(rss_mib $BALLAST_PID) MiB, $_held) killed with its primary"
         kill -STOP $BALLAST_PID
     fi
     kill -STOP $XLREMUS
@@ -294,7 +296,7 @@ print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUN
             "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
             "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID$BALLAST_SAID"
     else
-        result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID"
+        result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID$BALLAST_SAID"
         grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
     fi
 }
