@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import signal
 import sys
 
@@ -39,6 +40,12 @@ def hold_page(domid: int, mfn: int) -> None:
         raise OSError(ctypes.get_errno() or -errors[0], f"mapping page {mfn:#x} of domain {domid} failed")
 
 
+def touch(memory: "bytearray | mmap.mmap") -> None:
+    """Write one byte of every page of ``memory``, so that each page is really allocated."""
+    for offset in range(0, len(memory), mmap.PAGESIZE):
+        memory[offset] = 1
+
+
 def main(argv: list[str]) -> int:
     if len(argv) not in (3, 5):
         print("usage: ballast.py READY PRIVATE_MIB SHARED_MIB [DOMID MFN]", file=sys.stderr)
@@ -52,13 +59,13 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             held = f"no page held ({exc})"
     private = bytearray(private_mib * MIB)
-    private[:: mmap.PAGESIZE] = b"\1" * len(range(0, len(private), mmap.PAGESIZE))
+    touch(private)
     shared = mmap.mmap(-1, max(shared_mib, 1) * MIB, flags=mmap.MAP_SHARED)
-    for offset in range(0, len(shared), mmap.PAGESIZE):
-        shared[offset] = 1
+    touch(shared)
     shared.madvise(mmap.MADV_DONTNEED)
-    with open(ready, "w", encoding="ascii") as out:
+    with open(ready + ".tmp", "w", encoding="ascii") as out:  # READY appears whole, never half-written
         out.write(f"{held}\n")
+    os.replace(ready + ".tmp", ready)
     while True:
         signal.pause()
 

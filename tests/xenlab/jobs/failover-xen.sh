@@ -246,10 +246,9 @@ peer_failover() {
     if [ -n "$BALLAST" ]; then
         rm -f $OUTD/ballast.ready
         # ...holding a page of domu (its xenstore page), as the primary holds pages through libxc
-        _dom=$(xl domid domu)
-        _mfn=$(xenstore-read /local/domain/$_dom/store/ring-ref 2>/dev/null)
+        _mfn=$(xenstore-read /local/domain/$PEER_OLD/store/ring-ref 2>/dev/null)
         python3 "$REMUS_LAB_SRC/tests/xenlab/ballast.py" $OUTD/ballast.ready ${BALLAST%:*} ${BALLAST#*:} \
-            ${_mfn:+$_dom $_mfn} &
+            ${_mfn:+$PEER_OLD $_mfn} &
         BALLAST_PID=$!
         poll 0.1 120 test -f $OUTD/ballast.ready
         _held=$(cat $OUTD/ballast.ready 2>/dev/null)
