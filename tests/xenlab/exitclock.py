@@ -3,9 +3,12 @@
     python3 exitclock.py wait PID FILE   write FILE.ready once watching, then the boot time
                                          (CLOCK_BOOTTIME, /proc/uptime's clock) at which PID
                                          exits to FILE; after WAIT_LIMIT_S without an exit, no
-                                         FILE
+                                         FILE (with EXITCLOCK_SNAPSHOT=SNAP, /proc's CPU times
+                                         as PID has just exited to SNAP first, see cpuwindow.py)
     python3 exitclock.py kill PID...     SIGKILL each PID, in order; print the boot time and the
                                          wall time (Unix seconds) read just before the first
+                                         (with EXITCLOCK_SNAPSHOT=FILE, first /proc's CPU
+                                         times to FILE, see cpuwindow.py; also for shut)
     python3 exitclock.py shut PID PORT   shut down (SHUT_RDWR) PID's TCP connections to PORT,
                                          taken with pidfd_getfd, leaving PID as it is (a frozen
                                          primary "vanishes" without its teardown); print the
@@ -53,6 +56,7 @@ def wait(pid: int, path: str) -> int:
     if fd >= 0 and not select.select([fd], [], [], WAIT_LIMIT_S)[0]:
         return 1
     exited = boottime()
+    snapshot()
     with open(path, "w", encoding="ascii") as out:
         out.write(f"{exited:.3f}\n")
     return 0
@@ -88,7 +92,26 @@ def stamp() -> str:
     return f"{boottime():.3f} {time.time():.3f}"
 
 
+def snapshot() -> None:
+    """With EXITCLOCK_SNAPSHOT=FILE: /proc/stat and every /proc/PID/stat, as they are now, to
+    FILE (what tests/xenlab/cpuwindow.py reads): just before a kill or a shutdown, or just after
+    the exit waited for."""
+    path = os.environ.get("EXITCLOCK_SNAPSHOT")
+    if not path:
+        return
+    texts = []
+    for name in ["stat"] + [n + "/stat" for n in os.listdir("/proc") if n.isdigit()]:
+        try:
+            with open("/proc/" + name) as f:
+                texts.append(f.read())
+        except OSError:  # a process that ended meanwhile
+            pass
+    with open(path, "w") as f:
+        f.write("".join(texts))
+
+
 def kill(pids: list[int]) -> int:
+    snapshot()
     now = stamp()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -126,6 +149,7 @@ def shut(pid: int, port: int) -> int:
     if not found:
         print(f"process {pid} has no TCP connection to port {port}", file=sys.stderr)
         return 1
+    snapshot()
     now = stamp()
     for sock in found:
         sock.shutdown(socket.SHUT_RDWR)

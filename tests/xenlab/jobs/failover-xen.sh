@@ -55,6 +55,16 @@
 # REMUS_LAB_XL_FIRST=1 (off by default): the peer's failover runs first, on the fresh guest, and
 # remus then protects the guest `xl remus` failed over (or, when that failover did not complete, a
 # freshly created one): whether the order of the two parts is what makes one of them slower.
+# REMUS_LAB_SPLIT=1 (an experiment, off by default): the two hosts of a failover on this one
+# dom0, apart on the CPU: dom0's vCPU 0 and the guest run on physical CPU 0 with the primary's
+# processes (remus, or `xl remus` and its save helper), dom0's vCPU 1 and the standby on CPU 1
+# with the backup's (remus-receiver and its xl, or `xl remus`'s `xl migrate-receive -r`).  Both
+# failovers are placed the same way; so a killed primary's teardown runs on its own CPU, as it
+# would on its own host.  Shared services (xenstored, xenconsoled, dom0's kernel threads) stay
+# where Linux puts them.
+# REMUS_LAB_CPU=1 (off by default): what used dom0's CPUs from the kill to the standby xl's exit,
+# per process (tests/xenlab/cpuwindow.py; snapshots of /proc in /tmp, taken by exitclock.py just
+# before its kill and just after that exit), printed for both failovers.
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
@@ -75,6 +85,9 @@ VANISH=${REMUS_LAB_VANISH:-0}
 BALLAST=${REMUS_LAB_BALLAST:-}
 [ "$BALLAST" = 1 ] && BALLAST=32:64
 XL_FIRST=${REMUS_LAB_XL_FIRST:-0}
+SPLIT=${REMUS_LAB_SPLIT:-0}
+# ON_PRIMARY / ON_BACKUP: the command prefix that places a process on its host's CPU (split only)
+ON_PRIMARY= ON_BACKUP= SPLIT_SAID=
 
 section "build remus and its Xen binding in dom0; the lab's PV guest"
 lab_install_remus && lab_domu_up
@@ -98,6 +111,29 @@ if [ "${REMUS_LAB_XL_TRACE:-0}" = 1 ]; then
     chmod +x $XL_TRACE/bin/xl
     RX_PATH=$XL_TRACE/bin:$PATH XL_RUNE="$XL_TRACE/bin/xl migrate-receive -r"
 fi
+if [ "$SPLIT" = 1 ]; then
+    xl vcpu-pin Domain-0 0 0 && xl vcpu-pin Domain-0 1 1 || { result failover_split FAIL "could not pin dom0's vCPUs"; exit 1; }
+    ON_PRIMARY="taskset -c 0" ON_BACKUP="taskset -c 1" XL_RUNE="taskset -c 1 $XL_RUNE"
+    SPLIT_SAID="; split: each host on its own CPU (REMUS_LAB_SPLIT=1)"
+    echo "REMUS_LAB_SPLIT: dom0 vCPU 0 and domu on CPU 0 with the primary, vCPU 1 and the standby on CPU 1 with the backup"
+fi
+# place_guest NAME CPU: with REMUS_LAB_SPLIT=1, NAME's vCPUs on that physical CPU only
+place_guest() { [ "$SPLIT" = 1 ] || return 0; xl vcpu-pin "$1" all "$2"; }
+# placement PID...: with REMUS_LAB_SPLIT=1, where each vCPU runs and may run, and each PID's CPUs
+placement() {
+    [ "$SPLIT" = 1 ] || return 0
+    echo "placement: $(xl vcpu-list 2>/dev/null | awk 'NR > 1 {printf "%s%s/%s on %s (%s)", sep, $1, $3, $4, $7; sep = ", "}')"
+    for _p in "$@"; do echo "  pid $_p: $(taskset -c -p $_p 2>/dev/null | sed 's/.*: //') $(ps -o args= -p $_p | cut -c1-60)"; done
+}
+# cpu_snap TAG: with REMUS_LAB_CPU=1, the next `exitclock.py kill` snapshots /proc just before
+# its kill (EXITCLOCK_SNAPSHOT); clock_exits has the standby xl's waiter snapshot it just after
+# that exit.  cpu_window TAG: from the two, what used dom0's CPUs in between.
+cpu_snap() { [ "${REMUS_LAB_CPU:-0}" = 1 ] && export EXITCLOCK_SNAPSHOT=/tmp/remus-lab-cpu-$1-before; true; }
+cpu_window() {
+    [ "${REMUS_LAB_CPU:-0}" = 1 ] || return 0
+    echo "from the kill to the standby xl's exit ($1): $(python3 $REMUS_LAB_SRC/tests/xenlab/cpuwindow.py \
+        /tmp/remus-lab-cpu-$1-before /tmp/remus-lab-cpu-$1-after 2>&1)"
+}
 # xl_phases TAG XL_PID: with REMUS_LAB_XL_TRACE=1, where xl's failover went after the kill
 xl_phases() {
     [ -n "$XL_TRACE" ] && [ -n "$2" ] || return 0
@@ -149,7 +185,9 @@ clock_exits() {
     rm -f "$CLOCKED"-*-exit "$CLOCKED"-*-exit.ready
     for _which in primary:$2 standby-xl:$3 receiver:$4; do
         [ -n "${_which#*:}" ] || continue
-        $_clock wait "${_which#*:}" "$CLOCKED-${_which%%:*}-exit" &
+        _snap=
+        [ "${REMUS_LAB_CPU:-0}" = 1 ] && [ "${_which%%:*}" = standby-xl ] && _snap=/tmp/remus-lab-cpu-$1-after
+        EXITCLOCK_SNAPSHOT=$_snap $_clock wait "${_which#*:}" "$CLOCKED-${_which%%:*}-exit" &
         [ "${_which%%:*}" = receiver ] || CLOCK_PIDS="$CLOCK_PIDS $!"
         poll 0.1 60 test -f "$CLOCKED-${_which%%:*}-exit.ready"
     done
@@ -179,6 +217,7 @@ line_s() { wait $LINE_PID; after_kill "$OUTD/$1-next-line"; }
 end_clocked() {
     set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" "$@")
     T_KILL=$1 T_KILL_WALL=$2
+    unset EXITCLOCK_SNAPSHOT
     wait $CLOCK_PIDS
     UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$CLOCKED-primary-exit")
 }
@@ -198,14 +237,15 @@ runs_as_new() {
 start_protection() {  # $1: tag; remus-receiver --once, then remus -i 200 domu 127.0.0.1
     rm -f "$EVENTS" "$STATS"
     # --max-memory: generous, so the small lab dom0 never refuses the guest (the bound is tested in tests/).
-    env PATH="$RX_PATH" python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
+    place_guest domu 0
+    env PATH="$RX_PATH" $ON_BACKUP python3 $LAB_BUILD/bin/remus-receiver --once --listen 127.0.0.1 --heartbeat-timeout 60000 $KEYARGS \
         $MAXMEM --events-json "$EVENTS" > $OUTD/$1-receiver.log 2>&1 &
     RECEIVER=$!
     sleep 2
     # Background jobs of a non-interactive sh ignore SIGINT: give remus the default back.
     # --ack-timeout: under emulation the receiver can take longer than the default 5 s to take in
     # a megabyte of the first checkpoint (the whole guest), and remus would count it as lost.
-    env --default-signal=INT python3 $LAB_BUILD/bin/remus -i 200 --ack-timeout 60000 --stats-json "$STATS" \
+    env --default-signal=INT $ON_PRIMARY python3 $LAB_BUILD/bin/remus -i 200 --ack-timeout 60000 --stats-json "$STATS" \
         $KEYARGS domu 127.0.0.1 > $OUTD/$1-remus.log 2>&1 &
     REMUS=$!
     t_start=$(uptime_s)
@@ -229,7 +269,8 @@ fail_and_stop() {  # $1: result name; the rest: why
 peer_failover() {
     PEER_WHY=
     PEER_OLD=$(xl domid domu)
-    xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
+    place_guest domu 0
+    $ON_PRIMARY xl -vvv remus -F -n -i 200 -s '' domu "$XL_RUNE" > $OUTD/xl-remus-failover.log 2>&1 &
     XLREMUS=$!
     t_start=$(uptime_s)
     poll_until "$FIRST_TIMEOUT" xl_reach $((1 + MORE))
@@ -241,6 +282,8 @@ peer_failover() {
         return 1
     fi
     peer_standby_pid=$(standby_xl)
+    place_guest domu--incoming 1
+    placement $XLREMUS $peer_standby_pid
     clock_exits xl-remus $XLREMUS "$peer_standby_pid"
     BALLAST_PID= BALLAST_SAID=
     if [ -n "$BALLAST" ]; then
@@ -260,6 +303,7 @@ peer_failover() {
     echo "domu destroyed, xl remus frozen: dying domains: $(dying_domains)"
     marks=$(console_marks)
     clock_line xl-remus "$marks"
+    cpu_snap xl-remus
     end_clocked kill $XLREMUS $BALLAST_PID
     t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
     wait $XLREMUS $BALLAST_PID 2>/dev/null
@@ -268,6 +312,7 @@ peer_failover() {
     poll_fast 120 has_new_counters "$marks" 1
     xl_printing_s=$(line_s xl-remus)
     xl_phases "xl remus's standby" "$peer_standby_pid"
+    cpu_window xl-remus
     poll_until 30 has_new_counters "$marks" 3
     xl list
     peer_counters=$(new_counters "$marks" | tr '\n' ' ')
@@ -293,9 +338,9 @@ print(*(round(a / b, 2) for a, b in zip(r, x)))' "$REMUS_UNPAUSED_S" "$REMUS_RUN
             "(xl list) ${xl_running_s}s, to the guest's next line ${xl_printing_s}s (counter then:" \
             "$(echo $peer_counters | cut -d' ' -f1-3)); remus: ${REMUS_UNPAUSED_S}s, ${REMUS_RUNNING_S}s and" \
             "${REMUS_PRINTING_S}s; ratio remus/xl (unpaused, running, printing) = $ratio; the killed" \
-            "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID$BALLAST_SAID"
+            "primary exited after ${xl_primary_exit_s}s (remus's: ${REMUS_PRIMARY_EXIT_S}s); $ORDER_SAID$BALLAST_SAID$SPLIT_SAID"
     else
-        result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID$BALLAST_SAID"
+        result xl_remus_failover SKIP "$PEER_WHY; remus: ${REMUS_RUNNING_S:-nan}s / ${REMUS_PRINTING_S:-nan}s; $ORDER_SAID$BALLAST_SAID$SPLIT_SAID"
         grep -v -e '^xc: detail' -e 'libxl: debug' -e xencall $OUTD/xl-remus-failover.log | tail -8
     fi
 }
@@ -409,6 +454,8 @@ echo "counter $mark before checkpoint $((n0 + 2)); $(commits) checkpoints commit
      "$incoming_state (${incoming_mem} MiB); receiver RSS ${rss} MiB (peak ${hwm}) for a ${guest_mib} MiB guest;" \
      "primary RSS ${primary_rss} MiB (peak ${primary_hwm}); death watch helpers: $watch"
 standby_pid=$(standby_xl)
+place_guest domu--incoming 1
+placement $REMUS $RECEIVER $standby_pid
 if [ "$VANISH" = 1 ]; then
     clock_exits remus "" "$standby_pid" $RECEIVER
 else
@@ -426,6 +473,7 @@ if [ "$VANISH" = 1 ]; then
     echo "REMUS_LAB_VANISH: remus's connection was shut, remus stays frozen until the guest's next line;" \
          "the times below count from the shutdown, not from a SIGKILL"
 else
+    cpu_snap remus
     end_clocked kill $REMUS
 fi
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
@@ -439,6 +487,7 @@ if [ "$VANISH" = 1 ]; then
     wait $REMUS 2>/dev/null
 fi
 xl_phases "remus's standby" "$standby_pid"
+cpu_window remus
 # Only now (a python3 start takes a second under emulation): the same work as the peer's part
 # stands between the kill and its guest's next line.
 acked=$(python3 -c 'import json, sys
@@ -525,4 +574,7 @@ fi
 # A fresh domu (logging to guest-domu.log) for the jobs after this one; no standby xl left behind
 # (one of `xl remus` that did not complete stays, and a later run would clock it).
 fresh_domu || result failover_cleanup FAIL "a fresh domu did not come up"
+if [ "$SPLIT" = 1 ]; then  # the jobs after this one run unplaced
+    xl vcpu-pin Domain-0 all all; xl vcpu-pin domu all all
+fi
 exit $FAILS
