@@ -1,16 +1,16 @@
 """Lab helper (dom0): which processes used dom0's CPUs between two snapshots.
 
-    cat /proc/stat /proc/[0-9]*/stat > AFTER    (BEFORE the same, or EXITCLOCK_SNAPSHOT)
-    python3 cpuwindow.py BEFORE AFTER            one line: how busy dom0's CPUs were in between,
-                                                 and the processes that used the most of it
+    python3 cpuwindow.py BEFORE AFTER    one line: how busy dom0's CPUs were in between, and
+                                         the processes that used the most of it
 
-A snapshot is the text of ``/proc/stat`` followed by every ``/proc/PID/stat``: the one before
-the kill is taken by ``exitclock.py kill`` just before it kills (a ``python3`` start takes about a
-second under emulation, too long to stand between a snapshot and the moment being timed), the
-one after by the shell.  Per process, the CPU time (user + system) it used between the two; a process that
-started in between counts whole, one that ended in between is not seen (its time shows only in
-the total, as "not in a live process").  Clock ticks are 10 ms, so this is coarse.  Reads only
-the two files; never looks at /proc itself.
+A snapshot (``snapshot``, which ``exitclock.py`` calls with EXITCLOCK_SNAPSHOT) is the text of
+``/proc/stat`` followed by every ``/proc/PID/stat``: taken just before a kill and just after the
+exit waited for, by a process already running (a ``python3`` start takes about a second under
+emulation, too long to stand between a snapshot and the moment being timed).  Per process, the
+CPU time (user + system) it used between the two; a process that started in between counts
+whole, one that ended in between is not seen (its time shows only in the total, as "not in a
+live process").  Clock ticks are 10 ms, so this is coarse.  Reading, it looks only at the two
+files.
 """
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ import sys
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 _PROC_STAT = re.compile(r"^(\d+) \((.*)\) \S+ (.*)$")
 _TOP = 6
+
+
+def snapshot(path: str) -> None:
+    """Write ``/proc/stat`` and every ``/proc/PID/stat``, as they are now, to ``path``."""
+    texts = []
+    for name in ["stat"] + [n + "/stat" for n in os.listdir("/proc") if n.isdigit()]:
+        try:
+            with open("/proc/" + name) as f:
+                texts.append(f.read())
+        except OSError:  # a process that ended meanwhile
+            pass
+    with open(path, "w") as f:
+        f.write("".join(texts))
 
 
 def read(path: str) -> tuple[dict[str, int], dict[tuple[int, int], tuple[str, int]]]:

@@ -93,21 +93,14 @@ def stamp() -> str:
 
 
 def snapshot() -> None:
-    """With EXITCLOCK_SNAPSHOT=FILE: /proc/stat and every /proc/PID/stat, as they are now, to
-    FILE (what tests/xenlab/cpuwindow.py reads): just before a kill or a shutdown, or just after
-    the exit waited for."""
+    """With EXITCLOCK_SNAPSHOT=FILE: /proc's CPU times, as they are now, to FILE
+    (``cpuwindow.snapshot``): just before a kill or a shutdown, or just after the exit waited
+    for."""
     path = os.environ.get("EXITCLOCK_SNAPSHOT")
-    if not path:
-        return
-    texts = []
-    for name in ["stat"] + [n + "/stat" for n in os.listdir("/proc") if n.isdigit()]:
-        try:
-            with open("/proc/" + name) as f:
-                texts.append(f.read())
-        except OSError:  # a process that ended meanwhile
-            pass
-    with open(path, "w") as f:
-        f.write("".join(texts))
+    if path:
+        import cpuwindow  # beside this script
+
+        cpuwindow.snapshot(path)
 
 
 def kill(pids: list[int]) -> int:

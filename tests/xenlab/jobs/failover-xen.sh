@@ -64,7 +64,7 @@
 # where Linux puts them.
 # REMUS_LAB_CPU=1 (off by default): what used dom0's CPUs from the kill to the standby xl's exit,
 # per process (tests/xenlab/cpuwindow.py; snapshots of /proc in /tmp, taken by exitclock.py just
-# before its kill and just after that exit), printed for both failovers.
+# before its kill or shutdown and just after that exit), printed for both failovers.
 # FAILOVER_PARTS selects parts (default "orderly receiver-killed failover peer"; peer needs failover).
 # A standby gets its console (and xenconsoled its log file, named after the domain then) only at
 # failover, as `domu--incoming`: the job reads the new counter lines from both log files.  At the
@@ -86,6 +86,8 @@ BALLAST=${REMUS_LAB_BALLAST:-}
 [ "$BALLAST" = 1 ] && BALLAST=32:64
 XL_FIRST=${REMUS_LAB_XL_FIRST:-0}
 SPLIT=${REMUS_LAB_SPLIT:-0}
+CPU=${REMUS_LAB_CPU:-0}
+CPU_SNAPS=/tmp/remus-lab-cpu  # the snapshots of REMUS_LAB_CPU: dom0's disk, not the results mount
 # ON_PRIMARY / ON_BACKUP: the command prefix that places a process on its host's CPU (split only)
 ON_PRIMARY= ON_BACKUP= SPLIT_SAID=
 
@@ -125,14 +127,12 @@ placement() {
     echo "placement: $(xl vcpu-list 2>/dev/null | awk 'NR > 1 {printf "%s%s/%s on %s (%s)", sep, $1, $3, $4, $7; sep = ", "}')"
     for _p in "$@"; do echo "  pid $_p: $(taskset -c -p $_p 2>/dev/null | sed 's/.*: //') $(ps -o args= -p $_p | cut -c1-60)"; done
 }
-# cpu_snap TAG: with REMUS_LAB_CPU=1, the next `exitclock.py kill` snapshots /proc just before
-# its kill (EXITCLOCK_SNAPSHOT); clock_exits has the standby xl's waiter snapshot it just after
-# that exit.  cpu_window TAG: from the two, what used dom0's CPUs in between.
-cpu_snap() { [ "${REMUS_LAB_CPU:-0}" = 1 ] && export EXITCLOCK_SNAPSHOT=/tmp/remus-lab-cpu-$1-before; true; }
+# cpu_window TAG: with REMUS_LAB_CPU=1, what used dom0's CPUs from the kill to the standby xl's
+# exit, from the snapshots end_clocked and clock_exits' waiter took (EXITCLOCK_SNAPSHOT)
 cpu_window() {
-    [ "${REMUS_LAB_CPU:-0}" = 1 ] || return 0
+    [ "$CPU" = 1 ] || return 0
     echo "from the kill to the standby xl's exit ($1): $(python3 $REMUS_LAB_SRC/tests/xenlab/cpuwindow.py \
-        /tmp/remus-lab-cpu-$1-before /tmp/remus-lab-cpu-$1-after 2>&1)"
+        "$CPU_SNAPS-$1-before" "$CPU_SNAPS-$1-after" 2>&1)"
 }
 # xl_phases TAG XL_PID: with REMUS_LAB_XL_TRACE=1, where xl's failover went after the kill
 xl_phases() {
@@ -179,14 +179,16 @@ the_counter_log() {
 # exits (xl migrate-receive exits right after it unpauses the failed-over domain: the "unpaused"
 # moment).  Started before the primary is frozen, so that the frozen window stays as short as
 # before; shell polling for these lagged by up to a second while dom0 was busy with the failover
-# (tests/xenlab/exitclock.py).
+# (tests/xenlab/exitclock.py).  With REMUS_LAB_CPU=1 it also sets CLOCK_SNAP, where end_clocked and
+# the standby xl's waiter put their snapshots of /proc (cpu_window TAG reads them).
 clock_exits() {
-    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" CLOCKED=$OUTD/$1 CLOCK_PIDS=
+    _clock="python3 $REMUS_LAB_SRC/tests/xenlab/exitclock.py" CLOCKED=$OUTD/$1 CLOCK_PIDS= CLOCK_SNAP=
+    if [ "$CPU" = 1 ]; then CLOCK_SNAP=$CPU_SNAPS-$1; rm -f "$CLOCK_SNAP"-before "$CLOCK_SNAP"-after; fi
     rm -f "$CLOCKED"-*-exit "$CLOCKED"-*-exit.ready
     for _which in primary:$2 standby-xl:$3 receiver:$4; do
         [ -n "${_which#*:}" ] || continue
         _snap=
-        [ "${REMUS_LAB_CPU:-0}" = 1 ] && [ "${_which%%:*}" = standby-xl ] && _snap=/tmp/remus-lab-cpu-$1-after
+        [ -n "$CLOCK_SNAP" ] && [ "${_which%%:*}" = standby-xl ] && _snap=$CLOCK_SNAP-after
         EXITCLOCK_SNAPSHOT=$_snap $_clock wait "${_which#*:}" "$CLOCKED-${_which%%:*}-exit" &
         [ "${_which%%:*}" = receiver ] || CLOCK_PIDS="$CLOCK_PIDS $!"
         poll 0.1 60 test -f "$CLOCKED-${_which%%:*}-exit.ready"
@@ -213,11 +215,10 @@ line_s() { wait $LINE_PID; after_kill "$OUTD/$1-next-line"; }
 # PORT instead and leave it frozen.  Either returns once the standby xl exited and sets T_KILL
 # (boot time, /proc/uptime's clock), T_KILL_WALL, UNPAUSED_S and PRIMARY_EXIT_S (seconds after
 # the kill, or nan: a primary not clocked or not ended); receiver_exit_s says the receiver's,
-# once it has ended.
+# once it has ended.  With REMUS_LAB_CPU=1, /proc is snapshot just before the kill or shutdown.
 end_clocked() {
-    set -- $(python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" "$@")
+    set -- $(EXITCLOCK_SNAPSHOT=${CLOCK_SNAP:+$CLOCK_SNAP-before} python3 "$REMUS_LAB_SRC/tests/xenlab/exitclock.py" "$@")
     T_KILL=$1 T_KILL_WALL=$2
-    unset EXITCLOCK_SNAPSHOT
     wait $CLOCK_PIDS
     UNPAUSED_S=$(after_kill "$CLOCKED-standby-xl-exit") PRIMARY_EXIT_S=$(after_kill "$CLOCKED-primary-exit")
 }
@@ -303,7 +304,6 @@ peer_failover() {
     echo "domu destroyed, xl remus frozen: dying domains: $(dying_domains)"
     marks=$(console_marks)
     clock_line xl-remus "$marks"
-    cpu_snap xl-remus
     end_clocked kill $XLREMUS $BALLAST_PID
     t_kill=$T_KILL xl_unpaused_s=$UNPAUSED_S xl_primary_exit_s=$PRIMARY_EXIT_S
     wait $XLREMUS $BALLAST_PID 2>/dev/null
@@ -473,7 +473,6 @@ if [ "$VANISH" = 1 ]; then
     echo "REMUS_LAB_VANISH: remus's connection was shut, remus stays frozen until the guest's next line;" \
          "the times below count from the shutdown, not from a SIGKILL"
 else
-    cpu_snap remus
     end_clocked kill $REMUS
 fi
 t_kill=$T_KILL t_kill_wall=$T_KILL_WALL unpaused_s=$UNPAUSED_S primary_exit_s=$PRIMARY_EXIT_S
