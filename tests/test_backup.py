@@ -209,3 +209,53 @@ def test_a_session_that_cannot_be_taken_is_refused() -> None:
     assert isinstance(outputs[-1], Refused)
     assert isinstance(outputs[0], SendBack) and isinstance(outputs[0].record, Close)
     assert outputs[0].record.reason == CloseReason.REFUSED
+
+
+def test_after_the_primary_hung_up_nothing_more_is_committed_or_acknowledged() -> None:
+    # Its FIN is in, with checkpoint 3 still unread (whole) and checkpoint 4 cut: neither is
+    # taken, so no ACK the primary could never read; the image stays checkpoint 2.
+    primary = make_primary(4)
+    stream = bytes(primary.stream)
+    session = BackupSession()
+    first = session.receive_data(stream[: primary.commit_ends[2]])
+    assert [o.seq for o in first if isinstance(o, Committed)] == [1, 2]
+    session.primary_hung_up()
+    rest = session.receive_data(stream[primary.commit_ends[2] : primary.commit_ends[4] - 5]) + session.receive_data(b"")
+    assert not any(isinstance(o, Committed) for o in rest)
+    assert not any(isinstance(o, SendBack) for o in rest)
+    assert len(rest) == 1 and isinstance(rest[0], StreamEnded) and rest[0].partial_bytes
+    assert session.image.seq == 2 and session.not_taken == 1
+    assert_image_is_checkpoint(session, primary)
+
+
+def test_a_hang_up_in_the_middle_of_a_checkpoint_drops_what_was_staged() -> None:
+    primary = make_primary(3)
+    stream = bytes(primary.stream)
+    middle = primary.commit_ends[3] - 33  # all of checkpoint 3 staged but its COMMIT
+    session = BackupSession()
+    session.receive_data(stream[:middle])
+    assert session.receiving
+    session.primary_hung_up()
+    assert not session.receiving
+    assert session.receive_data(stream[middle:]) == []
+    assert session.image.seq == 2 and session.not_taken == 1
+    assert_image_is_checkpoint(session, primary)
+
+
+def test_an_orderly_close_after_a_hang_up_stays_orderly() -> None:
+    primary = make_primary(2)
+    session = BackupSession()
+    session.receive_data(bytes(primary.stream[: primary.commit_ends[1]]))
+    session.primary_hung_up()
+    outputs = session.receive_data(bytes(primary.stream[primary.commit_ends[1] :])
+                                   + encode_record(Close(CloseReason.STOPPED, "bye")))
+    assert [type(o) for o in outputs] == [ClosedByPrimary]
+    assert session.image.seq == 1
+
+
+def test_a_hang_up_before_the_session_is_open_changes_nothing() -> None:
+    primary = make_primary(2)
+    session = BackupSession()
+    session.primary_hung_up()  # still awaiting the stream header: not a session to cut short
+    outputs = session.receive_data(bytes(primary.stream))
+    assert [o.seq for o in outputs if isinstance(o, Committed)] == [1, 2]

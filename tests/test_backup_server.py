@@ -442,3 +442,31 @@ def test_a_quick_exit_keeps_the_status_and_flushes_what_was_written() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3
     assert done.stdout == "said" and "logged" in done.stderr
+
+
+def test_a_checkpoint_still_unread_when_the_primary_hung_up_is_not_taken() -> None:
+    # The receiver is held just after committing checkpoint 2; meanwhile the primary sends
+    # checkpoint 3 whole and hangs up.  Its FIN is in before checkpoint 3 is read, so the primary
+    # can never read an ACK of it: the failover is from checkpoint 2, and says why.
+    primary = make_primary(3)
+    stream = bytes(primary.stream)
+    backup = ReceiverThread()
+    held, go = threading.Event(), threading.Event()
+
+    def hold_after_the_second(session: Any) -> None:
+        if session.image.seq == 2 and not held.is_set():
+            held.set()
+            go.wait(15)
+
+    backup.receiver.on_progress = hold_after_the_second
+    with SealedClient(backup.port) as client:
+        client.sendall(stream[: primary.commit_ends[2]])
+        until(held.is_set, "checkpoint 2 committed")
+        client.sendall(stream[primary.commit_ends[2] :])
+        client.sock.shutdown(socket.SHUT_WR)
+        go.set()
+        activated = backup.wait_event("activated")
+    assert activated["seq"] == 2
+    assert "1 checkpoint that arrived after it hung up not taken" in activated["reason"]
+    assert [e["seq"] for e in events_named(backup, "commit")] == [1, 2]
+    assert backup.finish() == 0

@@ -99,6 +99,20 @@ FENCE_RETRY_S = 10.0
 ALIVE_WITHIN_S = 1.0
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """True once the peer's FIN has arrived: all it will ever send is in our receive queue.
+
+    Linux's POLLRDHUP says so even while data is still unread; where there is none, False
+    (the stream's end is then seen when it is read, as before).  Never reads or blocks.
+    """
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:
+        return False
+    poller = select.poll()
+    poller.register(sock, rdhup)
+    return any(events & rdhup for _, events in poller.poll(0))
+
+
 class Phase(enum.Enum):
     """What the receiver is doing (``status``)."""
 
@@ -390,6 +404,8 @@ class Receiver:
                 return
             if data is not None:
                 live.last_heard = time.monotonic()
+                if data and live.session.state is State.OPEN and _hung_up(live.sock):
+                    live.session.primary_hung_up()  # what is left in flight is never committed
                 self._feed(live, data)
                 return
         quiet = time.monotonic() - live.last_heard
@@ -463,6 +479,10 @@ class Receiver:
             return False
         elif isinstance(output, StreamEnded):
             cut = f", {output.partial_bytes} bytes into a record" if output.partial_bytes else ""
+            count = live.session.not_taken
+            if count:
+                cut += (f"; {count} checkpoint{'s' if count > 1 else ''} that arrived after it hung up "
+                        "not taken: never acknowledged")
             self._lost(live, f"connection closed by {live.host} (EOF{cut})")
             return False
         return True

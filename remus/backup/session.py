@@ -18,6 +18,14 @@ mismatching COMMIT, a page beyond the domain's memory, a corrupt batch)
 raises ``RemoteProtocolError`` and leaves the committed image exactly as it
 was: whatever happens to the stream, the image is always the last checkpoint
 that was acknowledged (or empty before the first).
+
+Once the primary has hung up (``primary_hung_up``: its FIN arrived, so what is
+still unread is the last of its stream), no further checkpoint is committed:
+a primary sends its FIN only once it is done with the connection (closed, or
+shut both ways by its death watch), so that ACK could never reach it, none of
+the checkpoint's output was released, and nothing is lost by failing over from
+the one before.  The rest of the stream
+is then only read for a CLOSE, without staging its pages.
 """
 
 from __future__ import annotations
@@ -141,11 +149,27 @@ class BackupSession:
         self.max_pages = XEN_PFN_SPACE  # until the session says
         self._staging: Optional[Staging] = None
         self._decompressor = PageDecompressor()
+        self._hung_up = False
+        #: Checkpoints that arrived whole after the primary hung up, and were not taken.
+        self.not_taken = 0
 
     @property
     def receiving(self) -> bool:
         """True while part of a checkpoint has arrived but not its COMMIT."""
         return self._staging is not None
+
+    def primary_hung_up(self) -> None:
+        """The primary has ended its stream (its FIN is in), whatever it still had in flight.
+
+        From here no checkpoint is committed or acknowledged: the primary can no longer read
+        an ACK, so it released none of that checkpoint's output, and failing over from the
+        last committed checkpoint loses nothing.  A checkpoint partly staged is dropped now;
+        later records are read only for a CLOSE (an orderly end stays orderly).  Never undoes
+        a commit.
+        """
+        if self.state is State.OPEN and not self._hung_up:
+            self._hung_up = True
+            self._staging = None
 
     def receive_data(self, data: bytes) -> list[Output]:
         """Feed bytes from the primary (``b""`` for EOF); return what they caused.
@@ -161,6 +185,9 @@ class BackupSession:
                 self._staging = None
                 outputs.append(StreamEnded(event.partial_bytes))
                 return outputs
+            if self._hung_up and not isinstance(event, Close):
+                self.not_taken += isinstance(event, Commit)
+                continue
             allowed = _ALLOWED[self.state]
             if not isinstance(event, allowed):
                 raise RemoteProtocolError(f"{type(event).__name__} record while {self.state.value}")

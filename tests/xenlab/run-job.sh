@@ -14,6 +14,9 @@
 #
 # QEMU runs with TCG (these hosts' KVM cannot run Xen), 2 vCPUs, 2 GiB (dom0 gets 1 GiB), a
 # throw-away qcow2 overlay over the image, and no network.  Several runs may share one lab.
+# run-two-hosts.sh boots two at once, each with XENLAB_SMP vCPUs (dom0 gets as many) and a
+# virtio NIC on XENLAB_LINK (a QEMU socket netdev's options, e.g. connect=127.0.0.1:PORT: the
+# two QEMUs' private link over the host's loopback), its MAC address XENLAB_MAC.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -49,17 +52,20 @@ for name in $(compgen -e | grep -E '^(REMUS_LAB_[A-Z_]+|[A-Z]+_PARTS)$' | grep -
 done
 qemu-img create -q -f qcow2 -b "$OUT/rootfs.img" -F raw "$RUN/overlay.qcow2"
 
-XEN_ARGS="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all"
+SMP=${XENLAB_SMP:-2}
+NIC=(-nic none)
+[ -z "${XENLAB_LINK:-}" ] || NIC=(-netdev "socket,id=link,$XENLAB_LINK" -device "virtio-net-pci,netdev=link,mac=${XENLAB_MAC:-52:54:00:00:00:01}")
+XEN_ARGS="dom0_mem=1024M,max:1024M dom0_max_vcpus=$SMP console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all"
 DOM0_ARGS="root=/dev/vda rw console=hvc0 init=/sbin/remus-lab-init noresume quiet"
 QEMU=(qemu-system-x86_64
     -accel tcg,thread=multi -cpu Haswell-noTSX,-pcid,-invpcid,-tsc-deadline,-x2apic
-    -machine q35 -smp 2 -m 2048
+    -machine q35 -smp "$SMP" -m 2048
     -kernel "$OUT/xen-shadow" -append "$XEN_ARGS"
     -initrd "$OUT/vmlinuz $DOM0_ARGS,$OUT/initrd.img"
     -drive "file=$RUN/overlay.qcow2,format=qcow2,if=virtio,cache=unsafe"
     -virtfs "local,path=$CHECKOUT,mount_tag=remus,security_model=none,readonly=on,id=remus"
     -virtfs "local,path=$RUN,mount_tag=results,security_model=none,id=results"
-    -nic none -display none -no-reboot -monitor none -serial "file:$RUN/serial.log")
+    "${NIC[@]}" -display none -no-reboot -monitor none -serial "file:$RUN/serial.log")
 
 exec 9>"$LAB_LOCK"
 flock -s 9    # build.sh must not replace the images under a running lab

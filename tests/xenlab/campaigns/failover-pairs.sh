@@ -51,40 +51,6 @@ EOF
 done
 
 section "failover pairs: remus against xl remus, SIGKILL to the standby's unpause and to the guest's next line"
-python3 - $TABLE <<'EOF'
-import statistics, sys
-rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
-head, rows = rows[0], rows[1:]
-print("  ".join(f"{h:>18}" for h in head))
-for row in rows:
-    print("  ".join(f"{c:>18}" for c in row))
-def column(name):
-    k = head.index(name)
-    return [float(r[k]) for r in rows if r[k] != "nan"]  # "nan": not measured
-def med(name):
-    values = column(name)
-    return (statistics.median(values), len(values)) if values else (float("nan"), 0)
-def ratios(ours, theirs, order=None):
-    """ours/theirs per pair where both were measured (of the pairs run in ORDER, if given),
-    said as "ratio per pair ..., median ..."."""
-    k, j, o = head.index(ours), head.index(theirs), head.index("order")
-    values = [float(r[k]) / float(r[j]) for r in rows
-              if order in (None, r[o]) and "nan" not in (r[k], r[j]) and float(r[j]) > 0]
-    return (f"ratio per pair {' '.join(f'{v:.2f}' for v in values) or 'none'}, "
-            f"median {statistics.median(values) if values else float('nan'):.2f}")
-for ours, theirs, what in (("remus_unpaused", "xl_remus_unpaused", "unpaused"),
-                           ("remus_next_line", "xl_remus_next_line", "next line")):
-    (m_ours, n_ours), (m_theirs, n_theirs) = med(ours), med(theirs)
-    print(f"{what}: remus median {m_ours:.2f} s ({n_ours} runs), xl remus median {m_theirs:.2f} s "
-          f"({n_theirs} runs); {ratios(ours, theirs)}")
-orders = sorted({r[head.index("order")] for r in rows})
-if len(orders) > 1:  # REMUS_LAB_ORDER=alternate: the unpaused ratio by which side ran first
-    for order in orders:
-        print(f"unpaused, {order}: {ratios('remus_unpaused', 'xl_remus_unpaused', order)}")
-for name in ("primary_exit", "loss_seen", "xl_completion", "xl_primary_exit"):
-    values = column(name)
-    print(f"{name}: " + (f"{min(values):.2f} to {max(values):.2f} s, median "
-                         f"{statistics.median(values):.2f}" if values else "none"))
-EOF
+python3 "$REMUS_LAB_SRC/tests/xenlab/pairtable.py" $TABLE
 check failover_pairs $failed "$PAIRS pairs, $failed remus failover(s) failed; table in failover-pairs.tsv"
 exit $FAILS
