@@ -15,8 +15,16 @@ lock: a handler runs in the main thread, between two of its bytecodes, and a
 lock that thread already holds (the one inside the flag's ``threading.Event``,
 held for a moment by a wait that is waking or by a first handler that a second
 signal interrupted) would never be released.  The handler records the request
-without a lock (``StopFlag.request``) and writes a byte to a pipe; a relay
-thread reading it wakes the waiters (``StopFlag.wake``).
+without a lock (``StopFlag.request``).
+
+Nor does waking the waiters wait for the handler.  CPython runs a Python handler only
+when the main thread next checks between bytecodes, and a signal that lands just before
+that thread blocks in a lock (every ``threading`` wait) leaves the handler pending until
+the wait ends by its timeout: about one signal in a hundred, sent as a wait begins.  So
+the signals also go to a pipe from C (``signal.set_wakeup_fd``), and a relay thread
+reading it records the same request and wakes the waiters (``StopFlag.wake``) at once.
+Handler and relay each count the signals they see, so the one signal seen twice is still
+one: the second signal, not the second sighting, makes the stop urgent.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from remus.clock import StopFlag
 _SIGNALS: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
-def _relay(read_fd: int, stop: StopFlag) -> None:
-    """Wake ``stop``'s waiters for every byte a handler wrote, until the pipe closes."""
+def _relay(read_fd: int, stop: StopFlag, seen: list[int]) -> None:
+    """Record each stop signal the C handler wrote to the pipe (on ``stop``, and appended to
+    ``seen``) and wake ``stop``'s waiters, until the pipe closes."""
     while True:
         try:
             data = os.read(read_fd, 64)
@@ -44,6 +53,10 @@ def _relay(read_fd: int, stop: StopFlag) -> None:
             return
         if not data:
             return
+        for number in data:  # one byte per signal: its number
+            if number in _SIGNALS:
+                seen.append(number)
+                stop.request(_SIGNALS[number], urgent=len(seen) >= 2)
         stop.wake()
 
 
@@ -59,26 +72,25 @@ def stop_on_signals(stop: StopFlag) -> Iterator[StopFlag]:
         yield stop
         return
 
-    signalled = []
+    handled: list[int] = []  # by the Python handler
+    seen: list[int] = []  # by the relay
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    relay = threading.Thread(target=_relay, args=(read_fd, stop), name="remus-signal-relay", daemon=True)
+    relay = threading.Thread(target=_relay, args=(read_fd, stop, seen), name="remus-signal-relay", daemon=True)
     relay.start()
 
     def handler(signum: int, frame: Optional[FrameType]) -> None:
-        signalled.append(signum)
-        stop.request(_SIGNALS.get(signum, str(signum)), urgent=stop.is_set())
-        try:
-            os.write(write_fd, b"!")
-        except OSError:  # full (the relay is behind: it wakes the waiters anyway) or closed
-            pass
+        handled.append(signum)
+        stop.request(_SIGNALS.get(signum, str(signum)), urgent=len(handled) >= 2)
 
     previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
         yield stop
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, signal.SIG_IGN if signalled else old)
+        signal.set_wakeup_fd(previous_wakeup)
         os.close(write_fd)
-        relay.join(5.0)
+        relay.join(5.0)  # it has read all the pipe held
         os.close(read_fd)
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_IGN if handled or seen else old)

@@ -24,8 +24,8 @@ still unread is the last of its stream), no further checkpoint is committed:
 a primary sends its FIN only once it is done with the connection (closed, or
 shut both ways by its death watch), so that ACK could never reach it, none of
 the checkpoint's output was released, and nothing is lost by failing over from
-the one before.  The rest of the stream
-is then only read for a CLOSE, without staging its pages.
+the one before.  The rest of the stream is then only read for a CLOSE,
+without staging its pages.
 """
 
 from __future__ import annotations

@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 from typing import Optional
 
+from remus.clock import StopFlag
 from remus.disk.control import serve_control
 from remus.disk.epochs import RecordingImage
 from remus.disk.server import ImageFile, NbdServer
 from remus.errors import RemusError
+from remus.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _io_flusher() -> None:
                     ctypes.get_errno())
 
 
-def run(args: argparse.Namespace, stop: threading.Event) -> int:
+def run(args: argparse.Namespace, stop: StopFlag) -> int:
     """Serve until ``stop`` is set; the exit status."""
     image = ImageFile(args.image)
     target = RecordingImage(image)
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         threading.Thread(target=_accept_control, args=(control, target), daemon=True).start()
         _write_ready(args.ready_file, device)
         log.info("serving %s as %s", args.image, device)
-        stop.wait()
+        while not stop.wait(3600.0):
+            pass
         return 0
     finally:
         control.close()
@@ -127,11 +129,10 @@ def _accept_control(control: socket.socket, target: RecordingImage) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="remus-disk: %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _s, _f: stop.set())
+    stop = StopFlag()
     try:
-        return run(args, stop)
+        with stop_on_signals(stop):  # a handler that took a lock could deadlock on a second signal
+            return run(args, stop)
     except (RemusError, OSError) as exc:
         print(f"remus-disk: {args.image}: {exc}", file=sys.stderr)
         return 1

@@ -72,7 +72,7 @@ flock -s 9    # build.sh must not replace the images under a running lab
 lab_log "booting the lab: job $JOB, timeout ${TIMEOUT_S}s, results in $RUN"
 t0=$(date +%s)
 touch "$RUN/job.log"
-tail -n +1 -F "$RUN/job.log" 2>/dev/null &
+tail -n +1 -F "$RUN/job.log" 2>/dev/null 9>&- &   # not the lock: an orphaned tail must not hold it
 TAIL=$!
 set +e
 timeout -k 10 "$TIMEOUT_S" "${QEMU[@]}" < /dev/null
