@@ -4,7 +4,7 @@
 ``StopFlag`` (the engine acts on it at the next epoch boundary) and restores
 the previous handlers on the way out, unless a signal came: then the process is on its
 way out, and from there on SIGINT and SIGTERM are ignored, so that a late
-second Ctrl-C cannot turn an orderly end into an abort.  A second signal while a stop is pending
+second Ctrl-C cannot turn an orderly end into an abort.  The second signal in the block
 makes the request urgent (``StopFlag.urgent``): waits that watch it (connecting, the session's
 acceptance, a checkpoint's ack) end at once, and the engine goes straight to
 its orderly end (resume the domain, CLOSE, then release the output).  No
