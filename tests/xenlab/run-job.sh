@@ -20,17 +20,7 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
-usage() { sed -n 3,4p "$0" >&2; exit 2; }
-JOB=; TIMEOUT_S=1200
-while [ $# -gt 0 ]; do
-    case $1 in
-        -t) [ $# -ge 2 ] || usage; TIMEOUT_S=$2; shift 2 ;;
-        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
-        -*) usage ;;
-        *) [ -z "$JOB" ] || usage; JOB=$1; shift ;;
-    esac
-done
-[ -n "$JOB" ] && [ -f "$JOB" ] || usage
+job_args 1200 "$@"
 for f in xen-shadow vmlinuz initrd.img rootfs.img; do
     [ -f "$OUT/$f" ] || { lab_log "$OUT/$f missing: run tests/xenlab/build.sh first"; exit 125; }
 done

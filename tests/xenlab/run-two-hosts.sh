@@ -16,17 +16,7 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
-usage() { sed -n 4p "$0" >&2; exit 2; }
-JOB=; TIMEOUT_S=3600
-while [ $# -gt 0 ]; do
-    case $1 in
-        -t) [ $# -ge 2 ] || usage; TIMEOUT_S=$2; shift 2 ;;
-        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
-        -*) usage ;;
-        *) [ -z "$JOB" ] || usage; JOB=$1; shift ;;
-    esac
-done
-[ -n "$JOB" ] && [ -f "$JOB" ] || usage
+job_args 3600 "$@"
 
 mkdir -p "$RESULTS"
 PAIR=$(mktemp -d "$RESULTS/$(date +%Y%m%d-%H%M%S)-two-hosts-XXXX")
